@@ -1,0 +1,47 @@
+"""Shared rich renderings (tables, byte sizes) for the command modules."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from ..estimate import human_bytes as bytes_human  # noqa: F401 - re-exported for the commands
+
+
+def module_kind(name: str) -> str:
+    """'layers.3.self_attn.q_proj' -> 'self_attn.q_proj' (the layer index removed)."""
+    return re.sub(r"^(.*?\.)?\d+\.", "", name)
+
+
+def energy_table(console: Console, modules: list[dict], *, rank: int, r_max: int, full: bool) -> None:
+    """Captured energy per module (with -v) or per module kind (mean, min over layers)."""
+    title = f"share of ||W||_F^2 kept at rank {rank}" + (f" (entry has r_max {r_max})" if r_max != rank else "")
+    table = Table(title=title, title_justify="left")
+    if full:
+        table.add_column("module")
+        table.add_column("shape", justify="right")
+        table.add_column("energy", justify="right")
+        for m in modules:
+            table.add_row(m["name"], "x".join(map(str, m["shape"])), f"{m['energy']:.3f}")
+    else:
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for m in modules:
+            groups[module_kind(m["name"])].append(m)
+        table.add_column("module")
+        table.add_column("layers", justify="right")
+        table.add_column("shape", justify="right")
+        table.add_column("energy mean", justify="right")
+        table.add_column("min", justify="right")
+        for kind, items in groups.items():
+            energies = [m["energy"] for m in items]
+            table.add_row(
+                kind,
+                str(len(items)),
+                "x".join(map(str, items[0]["shape"])),
+                f"{sum(energies) / len(energies):.3f}",
+                f"{min(energies):.3f}",
+            )
+    console.print(table)

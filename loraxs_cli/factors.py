@@ -1,0 +1,159 @@
+"""Frozen factors: truncated SVD of each target weight (LoRA-XS), computed layer by layer.
+
+Conventions (DESIGN.md section 1): for W (m, n) ~ U_r S_r V_r^T, B = U_r and A = S_r V_r^T,
+always in float32, with canonical signs so that the same weights give the same factors on every
+run and every device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import BadInputError
+from .models import weight_matrix
+
+SVD_BACKENDS = ("torch", "sklearn")
+
+
+@dataclass(frozen=True)
+class SVDSettings:
+    """How the truncated SVD is computed. Part of the recipe, so part of the cache key."""
+
+    backend: str = "torch"
+    niter: int = 4
+    oversample: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.backend not in SVD_BACKENDS:
+            raise BadInputError(f"unknown --svd {self.backend!r}: use {' or '.join(SVD_BACKENDS)}")
+        if self.niter < 0 or self.oversample < 0:
+            raise BadInputError("--niter and --oversample must be >= 0")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A per-module seed, so the result does not depend on the order modules are visited."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def randomized_svd(
+    matrix: torch.Tensor, rank: int, *, niter: int, oversample: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Halko-Martinsson-Tropp randomized SVD (what torch.svd_lowrank does), with a local generator.
+
+    The Gaussian test matrix is drawn on the CPU from its own generator so results are the same
+    on every device and never touch the global RNG; power iterations re-orthonormalize with QR,
+    which keeps them stable in float32 where the plain iteration loses the small singular values.
+    Returns U (m, r), S (r,), Vh (r, n).
+    """
+    m, n = matrix.shape
+    q = min(rank + oversample, m, n)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, q, generator=generator, dtype=matrix.dtype).to(matrix.device)
+    basis = torch.linalg.qr(matrix @ omega).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(matrix.mT @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    u_small, s, vh = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
+    return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
+
+
+def sklearn_svd(
+    matrix: torch.Tensor, rank: int, *, niter: int, oversample: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paper's reference: sklearn TruncatedSVD(n_iter=niter) on the CPU, for parity checks."""
+    from sklearn.decomposition import TruncatedSVD
+
+    array = matrix.detach().cpu().numpy()
+    svd = TruncatedSVD(n_components=rank, n_iter=niter, n_oversamples=oversample, random_state=seed % 2**32)
+    projected = svd.fit_transform(array)  # U * S
+    s = torch.from_numpy(svd.singular_values_.copy())
+    u = torch.from_numpy(projected) / s
+    vh = torch.from_numpy(svd.components_.copy())
+    return u.to(matrix.device), s.to(matrix.device), vh.to(matrix.device)
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int, settings: SVDSettings, name: str = ""):
+    """Rank-r SVD of a float32 matrix with canonical signs."""
+    seed = module_seed(settings.seed, name)
+    backend = sklearn_svd if settings.backend == "sklearn" else randomized_svd
+    u, s, vh = backend(matrix, rank, niter=settings.niter, oversample=settings.oversample, seed=seed)
+    return canonical_signs(u, s, vh)
+
+
+def canonical_signs(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor):
+    """Flip each singular pair so the largest-magnitude entry of each column of U is positive."""
+    pivot = u.abs().argmax(dim=0)
+    signs = torch.sign(u.gather(0, pivot[None, :])).squeeze(0)
+    signs[signs == 0] = 1
+    return u * signs, s, vh * signs[:, None]
+
+
+def check_rank(rank: int, shapes: dict[str, tuple[int, int]]) -> None:
+    if rank <= 0:
+        raise BadInputError(f"--rank must be a positive integer, got {rank}")
+    name, (m, n) = min(shapes.items(), key=lambda item: min(item[1]))
+    if rank > min(m, n):
+        raise BadInputError(
+            f"--rank {rank} is larger than min(out, in) = {min(m, n)} of {name} ({m} x {n})"
+        )
+
+
+@dataclass
+class FactorResult:
+    """What a factor computation produces: tensors by key, and per-module statistics."""
+
+    tensors: dict[str, torch.Tensor]  # "<module>.A" (r, n), "<module>.B" (m, r) [, "<module>.S" (r,)]
+    stats: dict[str, dict]  # module -> {"shape": [m, n], "energy": float}
+
+
+def compute_xs_factors(
+    backbone: nn.Module,
+    names: Sequence[str],
+    rank: int,
+    settings: SVDSettings,
+    *,
+    device: str | torch.device | None = None,
+    on_module: Callable[[str], None] | None = None,
+) -> FactorResult:
+    """LoRA-XS factors for each named module of `backbone`, one weight on the device at a time."""
+    modules = dict(backbone.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    stats: dict[str, dict] = {}
+    for name in names:
+        weight = weight_matrix(modules[name]).detach()
+        work = weight.to(device=device or weight.device, dtype=torch.float32)
+        u, s, vh = truncated_svd(work, rank, settings, name)
+        total = work.square().sum()
+        tensors[f"{name}.B"] = u.contiguous().cpu()
+        tensors[f"{name}.A"] = (s[:, None] * vh).contiguous().cpu()
+        stats[name] = {
+            "shape": list(work.shape),
+            "frobenius_sq": float(total),
+            "singular_values": [round(v, 7) for v in s.tolist()],
+        }
+        del work, u, s, vh
+        if on_module:
+            on_module(name)
+    return FactorResult(tensors, stats)
+
+
+def captured_energy(module_stats: dict, rank: int) -> float:
+    """Share of ||W||_F^2 kept by the rank-r part: sum(S_i^2, i < r) / ||W||_F^2."""
+    total = module_stats["frobenius_sq"]
+    kept = sum(v * v for v in module_stats["singular_values"][:rank])
+    return kept / total if total > 0 else 0.0
+
+
+def reconstruction_error(weight: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> float:
+    """||W - U S V^T||_F / ||W||_F."""
+    approx = (u * s) @ vh
+    return float(torch.linalg.norm(weight - approx) / torch.linalg.norm(weight))

@@ -1,0 +1,186 @@
+"""`init`: plan a factor set for a base (without loading weights), then serve it from the cache or compute it.
+
+Planning builds the model on the meta device from its config, so target matching, rank checks
+and the dry-run plan cost no weight I/O, and a cache hit never loads the model at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import FactorCache, FactorEntry, Recipe, get_or_compute
+from .errors import BadInputError
+from .factors import SVDSettings, check_rank, compute_xs_factors
+from .fingerprint import fingerprint
+from .models import (
+    LinearInfo,
+    ResolvedModel,
+    linear_modules,
+    load_config,
+    load_model,
+    match_targets,
+    parse_dtype,
+    resolve_model,
+    skeleton,
+)
+
+METHODS = ("xs", "sb")
+
+
+@dataclass
+class FactorRequest:
+    model: str
+    rank: int
+    targets: Sequence[str] | None = None
+    method: str = "xs"
+    svd: SVDSettings = field(default_factory=SVDSettings)
+    dtype: str | None = None  # dtype the base weights are read in ("auto": the checkpoint's)
+    device: str | None = None
+    revision: str | None = None
+    extra: dict = field(default_factory=dict)  # method-specific recipe fields (LoRA-SB)
+
+
+@dataclass
+class BaseInfo:
+    """A resolved base model, its identity and its linear modules, from the config alone."""
+
+    resolved: ResolvedModel
+    fingerprint: str
+    config: object
+    model_type: str
+    modules: dict[str, LinearInfo]
+    weights_dtype: torch.dtype
+    total_params: int
+
+    @property
+    def slug(self) -> str:
+        return self.resolved.slug
+
+    def shapes(self, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+        return {n: (self.modules[n].out_features, self.modules[n].in_features) for n in names}
+
+
+@dataclass
+class FactorPlan:
+    request: FactorRequest
+    base: BaseInfo
+    targets: list[str]
+    recipe: Recipe
+    entry: FactorEntry | None  # set on a cache hit
+
+    @property
+    def factor_bytes(self) -> int:
+        r = self.request.rank
+        return sum(r * (m + n) * 4 for m, n in self.base.shapes(self.targets).values())
+
+    @property
+    def target_weight_bytes(self) -> int:
+        item = torch.empty((), dtype=self.base.weights_dtype).element_size()
+        return sum(m * n * item for m, n in self.base.shapes(self.targets).values())
+
+
+def describe_base(spec: str, revision: str | None = None, dtype: str | None = None) -> BaseInfo:
+    """Resolve, fingerprint and enumerate a base model without reading its weights into memory."""
+    resolved = resolve_model(spec, revision)
+    config = load_config(resolved)
+    meta_model = skeleton(config)
+    weights_dtype = parse_dtype(dtype) or _checkpoint_dtype(config)
+    return BaseInfo(
+        resolved,
+        fingerprint(resolved),
+        config,
+        config.model_type,
+        linear_modules(meta_model),
+        weights_dtype,
+        total_params=sum(p.numel() for p in meta_model.parameters()),
+    )
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    value = getattr(config, "dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    return torch.float32
+
+
+def plan_factors(request: FactorRequest, cache: FactorCache | None = None) -> FactorPlan:
+    if request.method not in METHODS:
+        raise BadInputError(f"unknown --method {request.method!r}: use xs or sb")
+    base = describe_base(request.model, request.revision, request.dtype)
+    targets = match_targets(base.modules, request.targets, base.model_type)
+    check_rank(request.rank, base.shapes(targets))
+    recipe = Recipe(
+        method=request.method,
+        modules=tuple(targets),
+        svd=request.svd.as_dict(),
+        weights_dtype=str(base.weights_dtype).removeprefix("torch."),
+        extra=request.extra,
+    )
+    cache = cache or FactorCache()
+    entry = cache.find(base.slug, base.fingerprint, recipe, request.rank)
+    return FactorPlan(request, base, targets, recipe, entry)
+
+
+def ensure_factors(
+    plan: FactorPlan,
+    cache: FactorCache | None = None,
+    *,
+    force: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_module: Callable[[str], None] | None = None,
+    compute: Callable[[FactorPlan, torch.nn.Module], tuple[dict, dict]] | None = None,
+) -> tuple[FactorEntry, bool]:
+    """The plan's factor set from the cache (hit) or computed now (miss), and whether it was a hit.
+
+    `compute` defaults to LoRA-XS; LoRA-SB passes its own (same signature).
+    """
+    cache = cache or FactorCache()
+    request = plan.request
+
+    def run() -> tuple[dict, dict]:
+        started = time.perf_counter()
+        model = load_model(plan.base.resolved, head="base", dtype=plan.base.weights_dtype)
+        if on_start:
+            on_start(len(plan.targets))
+        tensors, meta = (compute or _compute_xs)(plan, model, on_module)
+        del model
+        meta.update(
+            base={
+                "spec": plan.base.resolved.spec,
+                "slug": plan.base.slug,
+                "fingerprint": plan.base.fingerprint,
+                "model_type": plan.base.model_type,
+                "repo_id": plan.base.resolved.repo_id,
+                "commit": plan.base.resolved.commit,
+            },
+            seconds=round(time.perf_counter() - started, 3),
+            device=str(request.device or "cpu"),
+        )
+        return tensors, meta
+
+    entry, hit = get_or_compute(
+        cache, plan.base.slug, plan.base.fingerprint, plan.recipe, request.rank, run, force=force
+    )
+    if hit:
+        entry.check()
+    return entry, hit
+
+
+def _compute_xs(plan: FactorPlan, model: torch.nn.Module, on_module) -> tuple[dict, dict]:
+    from .models import backbone
+
+    result = compute_xs_factors(
+        backbone(model),
+        plan.targets,
+        plan.request.rank,
+        plan.request.svd,
+        device=plan.request.device,
+        on_module=on_module,
+    )
+    return result.tensors, {"stats": result.stats}

@@ -1,0 +1,349 @@
+"""Resolve a base model (local directory, Hugging Face id, GGUF file), load it, and find its targets.
+
+Module names are always *backbone-relative* (relative to `model.base_model`, e.g.
+`layers.0.self_attn.q_proj` for every Llama head class), so one factor set serves a causal LM,
+a classifier and a bare encoder built on the same weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BadInputError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+# What a model needs besides its weights; everything else in a hub repo is skipped.
+MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
+
+# Default targets per architecture (short names, matched against the last name components).
+_LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The paper's GLUE setup: query, value, attention output dense and intermediate (fc1).
+_BERT_LIKE = ("query", "value", "attention.output.dense", "intermediate.dense")
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"),
+        _LLAMA_LIKE,
+    ),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "deberta-v2", "electra"), _BERT_LIKE),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+ALL_LINEAR = "all-linear"
+_GENERIC_DIR_NAMES = {"model", "models", "weights", "checkpoint", "final", "hf", "merged"}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a base model's files are, and how the user named it."""
+
+    spec: str  # what the user typed
+    kind: str  # "dir", "hub" or "gguf"
+    path: Path  # the model directory (for gguf: the directory holding the file)
+    gguf_file: str | None = None
+    repo_id: str | None = None
+    commit: str | None = None
+
+    @property
+    def slug(self) -> str:
+        """A readable, filesystem-safe name for cache directories."""
+        if self.repo_id:
+            name = self.repo_id.replace("/", "--")
+        elif self.gguf_file:
+            name = Path(self.gguf_file).stem
+        elif self.path.name.lower() in _GENERIC_DIR_NAMES:
+            name = f"{self.path.parent.name}-{self.path.name}"
+        else:
+            name = self.path.name or "model"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:80]
+
+    def from_pretrained_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """A linear layer as the math sees it: W is (out_features, in_features)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    is_conv1d: bool
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_model(spec: str, revision: str | None = None) -> ResolvedModel:
+    """Turn a user's MODEL argument into files on disk, or raise BadInputError."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise BadInputError(f"{spec}: a model is a directory, a Hugging Face id or a .gguf file")
+        return ResolvedModel(spec, "gguf", path.resolve().parent, gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ResolvedModel(spec, "gguf", path.resolve(), gguf_file=ggufs[0].name)
+            raise BadInputError(f"{spec}: not a model directory (no config.json)")
+        return ResolvedModel(spec, "dir", path.resolve())
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.startswith((".", "/")):
+        return _resolve_hub(spec, revision)
+    raise BadInputError(f"{spec}: no such model directory or file")
+
+
+def resolve_config_only(spec: str, revision: str | None = None) -> ResolvedModel:
+    """Like resolve_model, for commands that need only the config (a config.json path is accepted)."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return ResolvedModel(spec, "dir", path.resolve().parent)
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return _resolve_hub(spec, revision, patterns=("config.json",))
+    return resolve_model(spec, revision)
+
+
+def _resolve_hub(repo_id: str, revision: str | None, patterns: Sequence[str] = MODEL_FILE_PATTERNS) -> ResolvedModel:
+    """Resolve a hub id through huggingface_hub's cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
+
+    The local cache is tried first so that a cached model never waits on the network.
+    """
+    from huggingface_hub import snapshot_download
+
+    def download(local_only: bool) -> str:
+        return snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=list(patterns),
+            local_files_only=local_only,
+        )
+
+    try:
+        folder = download(local_only=True)
+    except Exception as cached_error:
+        if _hub_offline():
+            raise BadInputError(
+                f"{repo_id}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                "download it first or pass a local directory"
+            ) from cached_error
+        try:
+            folder = download(local_only=False)
+        except Exception as error:
+            raise BadInputError(
+                f"{repo_id}: not a local path, not in the Hugging Face cache, and the hub "
+                f"could not provide it ({type(error).__name__})"
+            ) from error
+    folder_path = Path(folder)
+    if not (folder_path / "config.json").is_file():
+        raise BadInputError(f"{repo_id}: the cached snapshot has no config.json")
+    return ResolvedModel(repo_id, "hub", folder_path, repo_id=repo_id, commit=folder_path.name)
+
+
+def weight_files(resolved: ResolvedModel) -> list[Path]:
+    """The files that hold the weights (what the fingerprint hashes)."""
+    if resolved.gguf_file:
+        return [resolved.path / resolved.gguf_file]
+    files = sorted(
+        {p for pattern in WEIGHT_PATTERNS for p in resolved.path.glob(pattern) if p.suffix != ".gguf"}
+    )
+    if not files:
+        raise BadInputError(f"{resolved.spec}: no weight files (*.safetensors, *.bin) in {resolved.path}")
+    return files
+
+
+def quiet_transformers() -> None:
+    """Our own progress and messages replace transformers' bars and advisory warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_config(resolved: ResolvedModel):
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(str(resolved.path), **resolved.from_pretrained_kwargs())
+    except ImportError as error:
+        raise BadInputError(f"{resolved.spec}: {error}".splitlines()[0]) from error
+    except (OSError, ValueError, KeyError) as error:
+        raise BadInputError(f"{resolved.spec}: cannot read the model config ({error})".splitlines()[0]) from error
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """'bf16' | 'bfloat16' | 'fp16' | 'float16' | 'fp32' | 'float32' | 'auto'/None -> torch dtype or None."""
+    if name is None or name == "auto":
+        return None
+    table = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "float": torch.float32,
+    }
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise BadInputError(f"unknown dtype {name!r}: use auto, fp32, bf16 or fp16") from None
+
+
+def load_model(
+    resolved: ResolvedModel,
+    *,
+    head: str = "base",
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Load the base model with the requested head ("base", "causal-lm", "seq-cls").
+
+    GGUF checkpoints are dequantized by transformers; we rebuild a plain model from them so the
+    result is not flagged as quantized (which would refuse training and saving).
+    """
+    import transformers
+
+    quiet_transformers()
+    classes = {
+        "base": transformers.AutoModel,
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "seq-cls": transformers.AutoModelForSequenceClassification,
+    }
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
+    load_kwargs = {**resolved.from_pretrained_kwargs(), **kwargs}
+    if torch_dtype is not None:
+        load_kwargs["dtype"] = torch_dtype
+    elif not resolved.gguf_file:
+        load_kwargs["dtype"] = "auto"
+    try:
+        model = classes[head].from_pretrained(str(resolved.path), **load_kwargs)
+    except ImportError as error:
+        raise BadInputError(f"{resolved.spec}: {error}".splitlines()[0]) from error
+    except (OSError, ValueError, KeyError) as error:
+        raise BadInputError(f"{resolved.spec}: cannot load the model ({error})".splitlines()[0]) from error
+    if resolved.gguf_file:
+        model = _dequantized_copy(model, classes[head], torch_dtype)
+    if device:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def _dequantized_copy(model: nn.Module, model_class, dtype: torch.dtype | None) -> nn.Module:
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = model_class.from_config(config, dtype=dtype or torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.tie_weights()
+    return plain
+
+
+def skeleton(config) -> nn.Module:
+    """The backbone built on the meta device: module names and shapes, no memory, no weights."""
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"):
+            return AutoModel.from_config(config)
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadInputError(f"unsupported model type {config.model_type!r} ({error})".splitlines()[0]) from error
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The module that target names are relative to (`model.base_model` for transformers models)."""
+    return getattr(model, "base_model", model)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_modules(model: nn.Module) -> dict[str, LinearInfo]:
+    """Every nn.Linear or GPT-2 Conv1D of the backbone, by backbone-relative name, in model order."""
+    found: dict[str, LinearInfo] = {}
+    for name, module in backbone(model).named_modules():
+        if isinstance(module, nn.Linear):
+            found[name] = LinearInfo(name, module.out_features, module.in_features, False)
+        elif _is_conv1d(module):
+            n_in, n_out = module.weight.shape
+            found[name] = LinearInfo(name, n_out, n_in, True)
+    return found
+
+
+def default_targets(model_type: str) -> tuple[str, ...] | None:
+    return DEFAULT_TARGETS.get(model_type)
+
+
+def parse_targets(value: str | Sequence[str] | None) -> list[str] | None:
+    """'q_proj,v_proj' or a list -> list of names; None keeps the architecture's default."""
+    if value is None:
+        return None
+    items: Iterable[str] = value.split(",") if isinstance(value, str) else value
+    names = [item.strip() for raw in items for item in raw.split(",") if item.strip()]
+    return names or None
+
+
+def _matches(name: str, target: str) -> bool:
+    if any(ch in target for ch in "*?["):
+        return fnmatch.fnmatchcase(name, target)
+    return name == target or name.endswith("." + target)
+
+
+def match_targets(
+    modules: dict[str, LinearInfo], targets: Sequence[str] | None, model_type: str
+) -> list[str]:
+    """Module names selected by `targets` (short names, dotted suffixes, globs or 'all-linear').
+
+    Raises BadInputError listing the model's linear module kinds when a target matches nothing.
+    """
+    if not targets:
+        targets = default_targets(model_type)
+        if targets is None:
+            raise BadInputError(
+                f"no default targets for model type {model_type!r}: pass --targets "
+                f"(one of {_kinds(modules)} or {ALL_LINEAR})"
+            )
+    if list(targets) == [ALL_LINEAR]:
+        # Like PEFT: every linear layer of the backbone; output heads are outside it.
+        return list(modules)
+    selected = [name for name in modules if any(_matches(name, t) for t in targets)]
+    unmatched = [t for t in targets if not any(_matches(name, t) for name in modules)]
+    if unmatched:
+        raise BadInputError(
+            f"target(s) {', '.join(unmatched)} match no linear module; this model has: {_kinds(modules)}"
+        )
+    return selected
+
+
+def _kinds(modules: dict[str, LinearInfo]) -> str:
+    """Distinct module names with layer indices removed, e.g. 'attention.self.query'."""
+    kinds: dict[str, None] = {}
+    for name in modules:
+        kinds[re.sub(r"^.*?\.\d+\.", "", name)] = None
+    return ", ".join(kinds) or "(none)"
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a Linear or the transpose of a Conv1D's (in, out) weight (a view)."""
+    return module.weight.t() if _is_conv1d(module) else module.weight
+
+
+def read_model_type(resolved: ResolvedModel) -> str:
+    if resolved.gguf_file:
+        return load_config(resolved).model_type
+    try:
+        return json.loads((resolved.path / "config.json").read_text())["model_type"]
+    except (OSError, ValueError, KeyError) as error:
+        raise BadInputError(f"{resolved.spec}: config.json has no readable model_type") from error
