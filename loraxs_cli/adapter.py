@@ -126,7 +126,11 @@ def save_adapter(
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         if factors is not None:
-            flat = {f"{m}.{k}": v.detach().float().cpu().contiguous() for m, parts in factors.items() for k, v in parts.items()}
+            flat = {
+                f"{m}.{k}": v.detach().float().cpu().contiguous()
+                for m, parts in factors.items()
+                for k, v in parts.items()
+            }
             save_file(flat, str(tmp / EMBEDDED_FACTORS_FILE), metadata={"format": "loraxs-factors"})
         (tmp / CONFIG_FILE).write_text(config.to_json())
         (tmp / CARD_FILE).write_text(card or default_card(config))
@@ -158,9 +162,11 @@ def load_adapter(path: str | Path) -> Adapter:
         raise BadInputError(f"{root}: no such adapter directory")
     config_path = root / CONFIG_FILE
     if not config_path.is_file():
-        hint = " (a PEFT adapter: import it with `loraxs convert --from peft-lora`)" if (
-            root / "adapter_config.json"
-        ).is_file() else ""
+        hint = (
+            " (a PEFT adapter: import it with `loraxs convert --from peft-lora`)"
+            if (root / "adapter_config.json").is_file()
+            else ""
+        )
         raise BadInputError(f"{root}: not a loraxs adapter (no {CONFIG_FILE}){hint}")
     try:
         data = json.loads(config_path.read_text())
@@ -177,7 +183,7 @@ def load_adapter(path: str | Path) -> Adapter:
     bad = [name for name, r in R.items() if r is None or tuple(r.shape) != (config.rank, config.rank)]
     if bad:
         raise BadInputError(f"{root}: {WEIGHTS_FILE} lacks a {config.rank}x{config.rank} R for {bad[0]}")
-    head = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
     if embedded is not None and set(config.modules) - set(embedded):
         raise BadInputError(f"{root}: {EMBEDDED_FACTORS_FILE} does not cover every target module")
     return Adapter(root, config, {k: v.float() for k, v in R.items()}, head, embedded)
@@ -207,8 +213,10 @@ def adapter_factors(adapter: Adapter, cache=None) -> dict[str, dict[str, torch.T
 
     rank, wanted = adapter.config.rank, adapter.config.factors
     if adapter.factors is not None:
-        return {m: {k: v[:rank] if k in ("A", "S") else v[:, :rank] for k, v in adapter.factors[m].items()}
-                for m in adapter.config.modules}
+        return {
+            m: {k: v[:rank] if k in ("A", "S") else v[:, :rank] for k, v in adapter.factors[m].items()}
+            for m in adapter.config.modules
+        }
     cache = cache or FactorCache()
     entry = cache.get(wanted.get("id", ""))
     if entry is None:
@@ -241,7 +249,8 @@ def default_card(config: AdapterConfig) -> str:
         f"- method: LoRA-{config.method.upper()}, rank {config.rank}, alpha {config.alpha:g} "
         f"(scaling {config.scaling:g})",
         f"- trainable numbers: {params:,} ({len(config.modules)} modules x {config.rank}x{config.rank})",
-        f"- task: {config.task or 'none'}" + (f", labels: {', '.join(config.labels)}" if config.labels else ""),
+        f"- task: {config.task or 'none'}"
+        + (f", labels: {', '.join(config.labels)}" if config.labels else ""),
         f"- base fingerprint: {config.base.get('fingerprint')}",
         f"- factor set: {config.factors.get('id')} (sha256 {str(config.factors.get('sha256'))[:12]})",
     ]

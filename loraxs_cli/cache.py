@@ -15,6 +15,7 @@ temporary directory and renamed into place; the file's sha256 is recorded and ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -101,10 +102,9 @@ class FactorEntry:
         return self.path.stat().st_mtime
 
     def touch(self) -> None:
-        try:
+        # Last-use time is informational; a read-only cache still serves.
+        with contextlib.suppress(OSError):
             os.utime(self.path)
-        except OSError:
-            pass  # last-use time is informational; a read-only cache still serves
 
     def verify(self) -> str | None:
         """None if the entry is intact, otherwise what is wrong (one line)."""
@@ -140,7 +140,10 @@ class FactorEntry:
             with safe_open(str(self.file), framework="pt") as handle:
                 keys = set(handle.keys())
                 for name in wanted:
-                    parts = {"A": handle.get_slice(f"{name}.A")[:rank], "B": handle.get_slice(f"{name}.B")[:, :rank]}
+                    parts = {
+                        "A": handle.get_slice(f"{name}.A")[:rank],
+                        "B": handle.get_slice(f"{name}.B")[:, :rank],
+                    }
                     if f"{name}.S" in keys:
                         parts["S"] = handle.get_slice(f"{name}.S")[:rank]
                     out[name] = parts
@@ -167,7 +170,9 @@ class FactorCache:
         return self.root / f"{slug}--{fingerprint}"
 
     def entries(self, base_dir: Path | None = None) -> Iterator[FactorEntry]:
-        bases = [base_dir] if base_dir else sorted(p for p in self._dirs(self.root) if not p.name.startswith("."))
+        bases = (
+            [base_dir] if base_dir else sorted(p for p in self._dirs(self.root) if not p.name.startswith("."))
+        )
         for base in bases:
             for entry_dir in sorted(self._dirs(base)):
                 if entry_dir.name.startswith("."):
@@ -265,7 +270,9 @@ class FactorCache:
             os.rename(tmp, final)
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise BadInputError(f"cannot write to the factor cache {base}: {error.strerror or error}") from error
+            raise BadInputError(
+                f"cannot write to the factor cache {base}: {error.strerror or error}"
+            ) from error
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

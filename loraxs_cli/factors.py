@@ -102,9 +102,7 @@ def check_rank(rank: int, shapes: dict[str, tuple[int, int]]) -> None:
         raise BadInputError(f"--rank must be a positive integer, got {rank}")
     name, (m, n) = min(shapes.items(), key=lambda item: min(item[1]))
     if rank > min(m, n):
-        raise BadInputError(
-            f"--rank {rank} is larger than min(out, in) = {min(m, n)} of {name} ({m} x {n})"
-        )
+        raise BadInputError(f"--rank {rank} is larger than min(out, in) = {min(m, n)} of {name} ({m} x {n})")
 
 
 @dataclass

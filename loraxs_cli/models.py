@@ -111,7 +111,9 @@ def resolve_config_only(spec: str, revision: str | None = None) -> ResolvedModel
     return resolve_model(spec, revision)
 
 
-def _resolve_hub(repo_id: str, revision: str | None, patterns: Sequence[str] = MODEL_FILE_PATTERNS) -> ResolvedModel:
+def _resolve_hub(
+    repo_id: str, revision: str | None, patterns: Sequence[str] = MODEL_FILE_PATTERNS
+) -> ResolvedModel:
     """Resolve a hub id through huggingface_hub's cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
 
     The local cache is tried first so that a cached model never waits on the network.
@@ -176,7 +178,9 @@ def load_config(resolved: ResolvedModel):
     except ImportError as error:
         raise BadInputError(f"{resolved.spec}: {error}".splitlines()[0]) from error
     except (OSError, ValueError, KeyError) as error:
-        raise BadInputError(f"{resolved.spec}: cannot read the model config ({error})".splitlines()[0]) from error
+        raise BadInputError(
+            f"{resolved.spec}: cannot read the model config ({error})".splitlines()[0]
+        ) from error
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -258,7 +262,9 @@ def skeleton(config) -> nn.Module:
         with torch.device("meta"):
             return AutoModel.from_config(config)
     except (ValueError, KeyError, TypeError) as error:
-        raise BadInputError(f"unsupported model type {config.model_type!r} ({error})".splitlines()[0]) from error
+        raise BadInputError(
+            f"unsupported model type {config.model_type!r} ({error})".splitlines()[0]
+        ) from error
 
 
 def backbone(model: nn.Module) -> nn.Module:

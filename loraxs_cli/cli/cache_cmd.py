@@ -53,10 +53,18 @@ def ls(
         for column in ("id", "base", "method", "r_max", "modules", "size", "last used"):
             table.add_column(column, justify="right" if column in ("r_max", "modules", "size") else "left")
         for r in rows:
-            method = r["method"] + (f" ({r['sb'].get('samples')} samples, eta {r['sb'].get('eta')})"
-                                    if r["sb"] else "")
-            table.add_row(r["id"], str(r["base"]), method, str(r["r_max"]), str(r["modules"]),
-                          bytes_human(r["bytes"]), r["last_used"])
+            method = r["method"] + (
+                f" ({r['sb'].get('samples')} samples, eta {r['sb'].get('eta')})" if r["sb"] else ""
+            )
+            table.add_row(
+                r["id"],
+                str(r["base"]),
+                method,
+                str(r["r_max"]),
+                str(r["modules"]),
+                bytes_human(r["bytes"]),
+                r["last_used"],
+            )
         out.out.print(table)
         out.out.print(f"{len(rows)} entries, {bytes_human(doc['bytes'])}")
 
@@ -67,7 +75,9 @@ def ls(
 @handle_errors
 def rm(
     ctx: typer.Context,
-    ids: list[str] = typer.Argument(..., help="Entry ids as shown by `loraxs cache ls` (or a base directory name)."),
+    ids: list[str] = typer.Argument(
+        ..., help="Entry ids as shown by `loraxs cache ls` (or a base directory name)."
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
@@ -91,8 +101,10 @@ def rm(
     for entry in chosen:
         freed += entry.size_bytes()
         cache.remove(entry)
-    out.result({"removed": [e.id for e in chosen], "bytes": freed},
-               lambda: out.out.print(f"removed {len(chosen)} entries, {bytes_human(freed)} freed"))
+    out.result(
+        {"removed": [e.id for e in chosen], "bytes": freed},
+        lambda: out.out.print(f"removed {len(chosen)} entries, {bytes_human(freed)} freed"),
+    )
 
 
 @app.command("verify")

@@ -7,25 +7,37 @@ import typer
 from .output import Output, get_output, handle_errors
 from .render import bytes_human, energy_table
 
-TARGETS_HELP = "Comma-separated module names, dotted suffixes or globs, or 'all-linear'. Default: per architecture."
+TARGETS_HELP = (
+    "Comma-separated module names, dotted suffixes or globs, or 'all-linear'. Default: per architecture."
+)
 
 
 @handle_errors
 def init(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Local directory, Hugging Face model id, or .gguf file."),
-    rank: int = typer.Option(..., "--rank", "-r", help="Rank r of the factors (adapters use r x r numbers per module)."),
+    rank: int = typer.Option(
+        ..., "--rank", "-r", help="Rank r of the factors (adapters use r x r numbers per module)."
+    ),
     targets: str | None = typer.Option(None, "--targets", "-t", help=TARGETS_HELP),
     method: str = typer.Option("xs", "--method", help="xs: SVD of the weights (LoRA-XS). sb: LoRA-SB."),
-    svd: str = typer.Option("torch", "--svd", help="torch: randomized SVD on --device. sklearn: the paper's TruncatedSVD."),
+    svd: str = typer.Option(
+        "torch", "--svd", help="torch: randomized SVD on --device. sklearn: the paper's TruncatedSVD."
+    ),
     niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized SVD."),
     oversample: int = typer.Option(16, "--oversample", help="Extra random directions (q = r + p)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the SVD's own random generator."),
-    device: str | None = typer.Option(None, "--device", help="Where the SVD runs: cpu, cuda, cuda:1 (default: cpu)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Read the weights in this dtype: auto (checkpoint's), fp32, bf16, fp16."),
+    device: str | None = typer.Option(
+        None, "--device", help="Where the SVD runs: cpu, cuda, cuda:1 (default: cpu)."
+    ),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Read the weights in this dtype: auto (checkpoint's), fp32, bf16, fp16."
+    ),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     force: bool = typer.Option(False, "--force", help="Recompute even when the cache has the entry."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (hit or miss, sizes, memory) and exit."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (hit or miss, sizes, memory) and exit."
+    ),
     json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
     """Compute LoRA-XS factors for MODEL (or serve them from the cache)."""
@@ -47,7 +59,9 @@ def init(
     if method == "sb":
         from ..errors import UsageError
 
-        raise UsageError("--method sb needs training data: use `loraxs init --method sb --data ...` (LoRA-SB)")
+        raise UsageError(
+            "--method sb needs training data: use `loraxs init --method sb --data ...` (LoRA-SB)"
+        )
     out.detail(f"resolving {model}")
     plan = plan_factors(request)
     if dry_run:

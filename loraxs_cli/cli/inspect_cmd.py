@@ -16,14 +16,21 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 def inspect(
     ctx: typer.Context,
     target: str = typer.Argument(
-        ..., help="An adapter directory, a model (directory, config.json, hub id) or a preset (gpt3-175b, ...)."
+        ...,
+        help="An adapter directory, a model (directory, config.json, hub id) or a preset (gpt3-175b, ...).",
     ),
     rank: int = typer.Option(16, "--rank", "-r", help="LoRA-XS rank for the estimate."),
-    targets: str | None = typer.Option(None, "--targets", "-t", help="Target modules (default: per architecture)."),
+    targets: str | None = typer.Option(
+        None, "--targets", "-t", help="Target modules (default: per architecture)."
+    ),
     users: int = typer.Option(1_000_000, "--users", help="Number of adapters to store (one per user)."),
     dtype: str = typer.Option("fp16", "--dtype", help="Storage dtype of adapter numbers: fp16, bf16, fp32."),
-    lora_rank: int | None = typer.Option(None, "--lora-rank", help="LoRA rank to compare with (default: --rank)."),
-    vera_rank: int | None = typer.Option(None, "--vera-rank", help="VeRA rank to compare with (default: --rank)."),
+    lora_rank: int | None = typer.Option(
+        None, "--lora-rank", help="LoRA rank to compare with (default: --rank)."
+    ),
+    vera_rank: int | None = typer.Option(
+        None, "--vera-rank", help="VeRA rank to compare with (default: --rank)."
+    ),
     json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
     """Parameter counts and storage per adapter and for N users, or an adapter's contents."""
@@ -42,8 +49,14 @@ def inspect(
     from ..estimate import bytes_for_users, estimate
 
     name, shapes, total = _shapes_for(target, targets)
-    rows = estimate(shapes, rank, dtype_bytes=DTYPE_BYTES[dtype], lora_rank=lora_rank, vera_rank=vera_rank,
-                    total_params=total)
+    rows = estimate(
+        shapes,
+        rank,
+        dtype_bytes=DTYPE_BYTES[dtype],
+        lora_rank=lora_rank,
+        vera_rank=vera_rank,
+        total_params=total,
+    )
     xs = rows[-1]
     doc = {
         "model": name,
@@ -129,19 +142,33 @@ def _inspect_adapter(out: Output, path: Path) -> None:
         "files": files,
         "bytes": sum(files.values()),
         "base": config.base,
-        "factors": {**config.factors, "in_cache": in_cache, "embedded": (path / EMBEDDED_FACTORS_FILE).is_file()},
+        "factors": {
+            **config.factors,
+            "in_cache": in_cache,
+            "embedded": (path / EMBEDDED_FACTORS_FILE).is_file(),
+        },
         "extra": config.extra,
     }
 
     def render() -> None:
         p = out.out.print
-        p(f"[bold]{path}[/]: LoRA-{config.method.upper()} adapter, rank {config.rank}, alpha {config.alpha:g}")
-        p(f"  task:       {config.task or '-'}" + (f" ({len(config.labels)} labels)" if config.labels else ""))
-        p(f"  trainable:  {adapter.num_params:,} in {len(config.modules)} modules"
-          + (f" + {adapter.head_params:,} in the task head" if adapter.head_params else ""))
+        p(
+            f"[bold]{path}[/]: LoRA-{config.method.upper()} adapter, "
+            f"rank {config.rank}, alpha {config.alpha:g}"
+        )
+        p(
+            f"  task:       {config.task or '-'}"
+            + (f" ({len(config.labels)} labels)" if config.labels else "")
+        )
+        p(
+            f"  trainable:  {adapter.num_params:,} in {len(config.modules)} modules"
+            + (f" + {adapter.head_params:,} in the task head" if adapter.head_params else "")
+        )
         p("  files:      " + ", ".join(f"{n} {bytes_human(s)}" for n, s in files.items()))
         p(f"  base:       {config.base.get('spec')} (fingerprint {config.base.get('fingerprint')})")
-        state = "embedded" if doc["factors"]["embedded"] else ("in the cache" if in_cache else "[red]missing[/]")
+        state = (
+            "embedded" if doc["factors"]["embedded"] else ("in the cache" if in_cache else "[red]missing[/]")
+        )
         p(f"  factors:    {config.factors.get('id')} ({state})")
         for key, value in (config.extra.get("metrics") or {}).items():
             p(f"  {key}: {value}")

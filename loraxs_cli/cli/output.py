@@ -139,8 +139,10 @@ def handle_errors(function: Callable) -> Callable:
         except Exception as error:
             if debug_enabled():
                 raise
-            _print_error(f"internal error: {type(error).__name__}: {error}".splitlines()[0]
-                         + " (set LORAXS_DEBUG=1 for a traceback)")
+            _print_error(
+                f"internal error: {type(error).__name__}: {error}".splitlines()[0]
+                + " (set LORAXS_DEBUG=1 for a traceback)"
+            )
             raise typer.Exit(1) from None
 
     return wrapper

@@ -18,7 +18,9 @@ def module_kind(name: str) -> str:
 
 def energy_table(console: Console, modules: list[dict], *, rank: int, r_max: int, full: bool) -> None:
     """Captured energy per module (with -v) or per module kind (mean, min over layers)."""
-    title = f"share of ||W||_F^2 kept at rank {rank}" + (f" (entry has r_max {r_max})" if r_max != rank else "")
+    title = f"share of ||W||_F^2 kept at rank {rank}" + (
+        f" (entry has r_max {r_max})" if r_max != rank else ""
+    )
     table = Table(title=title, title_justify="left")
     if full:
         table.add_column("module")
