@@ -265,3 +265,34 @@ def default_card(config: AdapterConfig) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def apply_adapter(model: torch.nn.Module, adapter: Adapter, cache=None) -> dict:
+    """Inject the adapter into `model` (its backbone) with its own factors, R and task head.
+
+    The caller checks the base first (`check_base`). Returns name -> XSLinear.
+    """
+    from .layer import inject
+    from .models import backbone
+
+    factors = adapter_factors(adapter, cache)
+    layers = inject(
+        backbone(model),
+        {name: (parts["A"], parts["B"]) for name, parts in factors.items()},
+        adapter.config.scaling,
+        R=adapter.R,
+    )
+    if adapter.head:
+        own = dict(model.named_parameters())
+        unknown = sorted(set(adapter.head) - set(own))
+        if unknown:
+            raise IncompatibleError(f"adapter head parameter {unknown[0]} does not exist in this model")
+        with torch.no_grad():
+            for name, value in adapter.head.items():
+                if own[name].shape != value.shape:
+                    raise IncompatibleError(
+                        f"adapter head {name} has shape {tuple(value.shape)}, "
+                        f"the model {tuple(own[name].shape)}"
+                    )
+                own[name].copy_(value)
+    return layers
