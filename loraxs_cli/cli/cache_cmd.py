@@ -18,7 +18,8 @@ def _describe(entry) -> dict:
     return {
         "id": entry.id,
         "path": str(entry.path),
-        "base": meta.get("base", {}).get("spec"),
+        "base": meta.get("base", {}).get("slug"),
+        "base_spec": meta.get("base", {}).get("spec"),
         "fingerprint": meta.get("base", {}).get("fingerprint"),
         "method": meta.get("method"),
         "r_max": entry.r_max,
@@ -50,7 +51,8 @@ def ls(
         from rich.table import Table
 
         table = Table(title=f"factor cache {cache.root}", title_justify="left")
-        for column in ("id", "base", "method", "r_max", "modules", "size", "last used"):
+        table.add_column("id", overflow="fold")  # complete: it is what `cache rm` takes
+        for column in ("base", "method", "r_max", "modules", "size", "last used"):
             table.add_column(column, justify="right" if column in ("r_max", "modules", "size") else "left")
         for r in rows:
             method = r["method"] + (

@@ -92,6 +92,12 @@ def inspect(
                 f"{row['times_lora_xs']:,.0f}x" if row["times_lora_xs"] else "-",
             )
         out.out.print(table)
+        lora = next(e for e in rows if e.method == "lora")
+        if xs.bytes:
+            out.out.print(
+                f"One LoRA-XS adapter is {bytes_human(xs.bytes)} against {bytes_human(lora.bytes)} for LoRA "
+                f"(rank {lora.rank}): {lora.bytes / xs.bytes:,.0f}x less to store per user."
+            )
 
     out.result(doc, render)
 

@@ -31,8 +31,8 @@ class Output:
     def __init__(self, verbosity: int = 0, json_mode: bool = False):
         self.verbosity = verbosity
         self.json_mode = json_mode
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.out = Console(highlight=False, soft_wrap=True)
+        self.err = _console(stderr=True)
+        self.out = _console(stderr=False)
 
     @property
     def interactive(self) -> bool:
@@ -100,6 +100,14 @@ class Output:
                 self.err.print(f"{description}: {state['done']}{of} {status}".rstrip())
 
         yield advance_plain
+
+
+def _console(stderr: bool) -> Console:
+    """Rich console; without a terminal (logs, CI, pipes) tables get 120 columns instead of 80."""
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, highlight=False, soft_wrap=True, width=120)
+    return console
 
 
 def _json_default(value: Any):

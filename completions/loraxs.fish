@@ -1,0 +1,1 @@
+complete --command loraxs --no-files --arguments "(env _LORAXS_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) loraxs)" --condition "env _LORAXS_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) loraxs"
