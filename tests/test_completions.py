@@ -1,4 +1,4 @@
-"""The committed completion scripts must match what the app generates (regenerate: completions/generate.sh)."""
+"""Committed completion scripts must match what the app generates (see completions/generate.sh)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ def _generate(shell: str) -> str:
     env = {**os.environ, "_LORAXS_COMPLETE": f"source_{shell}"}
     # The generated script names the program it completes; run the app under the name `loraxs`.
     code = "import sys; sys.argv[0] = 'loraxs'; from loraxs_cli.cli.app import main; main()"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
