@@ -17,7 +17,7 @@ from torch import nn
 from .errors import BadInputError
 from .models import weight_matrix
 
-SVD_BACKENDS = ("torch", "sklearn")
+SVD_BACKENDS = ("torch", "sklearn", "exact")
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,21 @@ def sklearn_svd(
     return u.to(matrix.device), s.to(matrix.device), vh.to(matrix.device)
 
 
+def exact_svd(
+    matrix: torch.Tensor, rank: int, *, niter: int, oversample: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full SVD, truncated: the reference for tests and small matrices (slow for 7B-sized weights)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+_BACKENDS = {"torch": randomized_svd, "sklearn": sklearn_svd, "exact": exact_svd}
+
+
 def truncated_svd(matrix: torch.Tensor, rank: int, settings: SVDSettings, name: str = ""):
     """Rank-r SVD of a float32 matrix with canonical signs."""
     seed = module_seed(settings.seed, name)
-    backend = sklearn_svd if settings.backend == "sklearn" else randomized_svd
+    backend = _BACKENDS[settings.backend]
     u, s, vh = backend(matrix, rank, niter=settings.niter, oversample=settings.oversample, seed=seed)
     return canonical_signs(u, s, vh)
 

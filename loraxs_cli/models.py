@@ -272,7 +272,7 @@ def backbone(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
@@ -282,7 +282,7 @@ def linear_modules(model: nn.Module) -> dict[str, LinearInfo]:
     for name, module in backbone(model).named_modules():
         if isinstance(module, nn.Linear):
             found[name] = LinearInfo(name, module.out_features, module.in_features, False)
-        elif _is_conv1d(module):
+        elif is_conv1d(module):
             n_in, n_out = module.weight.shape
             found[name] = LinearInfo(name, n_out, n_in, True)
     return found
@@ -343,7 +343,7 @@ def _kinds(modules: dict[str, LinearInfo]) -> str:
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a Linear or the transpose of a Conv1D's (in, out) weight (a view)."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def read_model_type(resolved: ResolvedModel) -> str:

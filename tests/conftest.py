@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from models_for_tests import minilm_dir, save_tiny, smollm2_dir, tiny_bert, tiny_gpt2, tiny_llama
 
 

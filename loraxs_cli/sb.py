@@ -1,0 +1,189 @@
+"""LoRA-SB factors: the truncated SVD of an approximated first full-fine-tuning step.
+
+On a small sample of the training data we average the gradient G of the loss with respect to every
+target weight W (float32). The first AdamW step from a fresh optimizer is
+
+    dW = -eta * G / (|G| + eps)   (- eta * weight_decay * W, optionally)
+
+since Adam's bias-corrected moments after one step are m = G and v = G^2. Its truncated SVD
+dW ~ P S Q^T gives B = P, A = Q^T (both orthonormal) and R0 = diag(S), scaling 1, so training starts
+at W + rank_r(dW) while W itself is unchanged.
+
+Memory: gradients of the targets are folded into float32 accumulators by post-accumulate hooks and
+freed at once, so no target ever holds a `.grad`; when all accumulators would exceed the budget,
+targets are processed in groups, with one pass over the sample per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .factors import SVDSettings, truncated_svd
+from .models import is_conv1d, weight_matrix
+
+DEFAULT_ETA = 1e-3  # the LoRA-SB code's default for the approximated step (LLM instruction tuning)
+DEFAULT_EPS = 1e-8  # AdamW's default eps
+
+
+@dataclass(frozen=True)
+class SBSettings:
+    """The recorded settings of the approximated first step (part of the cache recipe)."""
+
+    eta: float = DEFAULT_ETA
+    eps: float = DEFAULT_EPS
+    weight_decay: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"eta": self.eta, "eps": self.eps, "weight_decay": self.weight_decay}
+
+
+def plan_groups(shapes: dict[str, tuple[int, int]], budget_bytes: int) -> list[list[str]]:
+    """Split the targets (in model order) into groups whose float32 accumulators fit the budget."""
+    groups: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, (m, n) in shapes.items():
+        size = m * n * 4
+        if current and used + size > budget_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def average_gradients(
+    model: nn.Module,
+    backbone: nn.Module,
+    names: Sequence[str],
+    batches: Callable[[], Iterable[dict]],
+    *,
+    budget_bytes: int,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields, group by group, the mean gradient of the loss w.r.t. each target weight (float32, (out, in)).
+
+    Consume each group before asking for the next: only one group's accumulators exist at a time.
+    `batches()` yields model inputs (with labels) and is called once per group, so its order must
+    be deterministic. `all_reduce` sums a tensor across processes (torch.distributed), so every rank
+    gets identical averages.
+    """
+    modules = dict(backbone.named_modules())
+    shapes = {n: tuple(weight_matrix(modules[n]).shape) for n in names}
+    groups = plan_groups(shapes, budget_bytes)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    # Dropout off: every group's pass must see the same function, and the factors must be
+    # reproducible (they are cached by recipe).
+    was_training = model.training
+    model.eval()
+    try:
+        for group_index, group in enumerate(groups):
+            yield _group_gradients(model, modules, group, batches, all_reduce, on_batch, group_index)
+    finally:
+        model.train(was_training)
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _group_gradients(model, modules, group, batches, all_reduce, on_batch, group_index):
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in group:
+        weight = modules[name].weight
+        sums[name] = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+
+        def fold(param: torch.Tensor, name=name) -> None:
+            sums[name].add_(param.grad.float())
+            param.grad = None  # freed at once: at most this one gradient exists beside the sums
+
+        weight.requires_grad_(True)
+        handles.append(weight.register_post_accumulate_grad_hook(fold))
+    count = torch.zeros((), dtype=torch.float64)
+    try:
+        for batch in batches():
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                from .errors import DivergedError
+
+                raise DivergedError("LoRA-SB init: the loss on the sample is not finite; check the data")
+            loss.backward()
+            count += 1
+            if on_batch:
+                on_batch(group_index, int(count))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name in group:
+            modules[name].weight.requires_grad_(False)
+            modules[name].weight.grad = None
+    if all_reduce is not None:
+        for tensor in sums.values():
+            all_reduce(tensor)
+        count_tensor = count.to(next(iter(sums.values())).device)
+        all_reduce(count_tensor)
+        count = count_tensor.cpu()
+    if count == 0:
+        from .errors import BadInputError
+
+        raise BadInputError("LoRA-SB init: the gradient sample is empty")
+    out = {}
+    for name in group:
+        gradient = sums.pop(name).div_(float(count))
+        # Conv1D stores W^T: bring the gradient to the (out, in) convention of the math.
+        out[name] = gradient.t().contiguous() if is_conv1d(modules[name]) else gradient
+    return out
+
+
+def first_adamw_step(
+    gradient: torch.Tensor, weight: torch.Tensor | None, settings: SBSettings
+) -> torch.Tensor:
+    """dW of one AdamW step from a fresh optimizer (bias-corrected moments: m = G, v = G^2)."""
+    step = -settings.eta * gradient / (gradient.abs() + settings.eps)
+    if settings.weight_decay and weight is not None:
+        step = step - settings.eta * settings.weight_decay * weight.float()
+    return step
+
+
+def sb_factors(
+    gradient_groups: Iterable[dict[str, torch.Tensor]],
+    backbone: nn.Module,
+    rank: int,
+    settings: SBSettings,
+    svd: SVDSettings,
+    on_module: Callable[[str], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """B = P, A = Q^T, S (R0 = diag(S)) from the truncated SVD of each dW, and per-module stats."""
+    modules = dict(backbone.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    stats: dict[str, dict] = {}
+    for group in gradient_groups:
+        for name in list(group):
+            gradient = group.pop(name)
+            weight = weight_matrix(modules[name]).detach()
+            delta = first_adamw_step(gradient, weight if settings.weight_decay else None, settings)
+            del gradient
+            _store(tensors, stats, name, delta, rank, svd)
+            if on_module:
+                on_module(name)
+    return tensors, stats
+
+
+def _store(tensors: dict, stats: dict, name: str, delta: torch.Tensor, rank: int, svd: SVDSettings) -> None:
+    u, s, vh = truncated_svd(delta, rank, svd, name)
+    tensors[f"{name}.B"] = u.contiguous().cpu()
+    tensors[f"{name}.A"] = vh.contiguous().cpu()
+    tensors[f"{name}.S"] = s.contiguous().cpu()
+    stats[name] = {
+        "shape": list(delta.shape),
+        "frobenius_sq": float(delta.square().sum()),
+        "singular_values": [float(v) for v in s.tolist()],
+    }
