@@ -134,22 +134,21 @@ def ensure_factors(
     force: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_module: Callable[[str], None] | None = None,
-    compute: Callable[[FactorPlan, torch.nn.Module], tuple[dict, dict]] | None = None,
+    compute: Callable[[FactorPlan, Callable | None], tuple[dict, dict]] | None = None,
 ) -> tuple[FactorEntry, bool]:
     """The plan's factor set from the cache (hit) or computed now (miss), and whether it was a hit.
 
-    `compute` defaults to LoRA-XS; LoRA-SB passes its own (same signature).
+    `compute(plan, on_module) -> (tensors, meta)` loads what it needs and defaults to LoRA-XS;
+    LoRA-SB passes its own. It runs only on a miss, under the recipe's lock.
     """
     cache = cache or FactorCache()
     request = plan.request
 
     def run() -> tuple[dict, dict]:
         started = time.perf_counter()
-        model = load_model(plan.base.resolved, head="base", dtype=plan.base.weights_dtype)
         if on_start:
             on_start(len(plan.targets))
-        tensors, meta = (compute or _compute_xs)(plan, model, on_module)
-        del model
+        tensors, meta = (compute or _compute_xs)(plan, on_module)
         meta.update(
             base={
                 "spec": plan.base.resolved.spec,
@@ -172,9 +171,10 @@ def ensure_factors(
     return entry, hit
 
 
-def _compute_xs(plan: FactorPlan, model: torch.nn.Module, on_module) -> tuple[dict, dict]:
+def _compute_xs(plan: FactorPlan, on_module) -> tuple[dict, dict]:
     from .models import backbone
 
+    model = load_model(plan.base.resolved, head="base", dtype=plan.base.weights_dtype)
     result = compute_xs_factors(
         backbone(model),
         plan.targets,
