@@ -92,6 +92,42 @@ class Adapter:
         return sum(t.numel() for t in self.head.values())
 
 
+def new_config(
+    base,
+    entry,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    modules: list[str] | None = None,
+    task: str | None = None,
+    labels: list[str] | None = None,
+    extra: dict | None = None,
+) -> AdapterConfig:
+    """The config of an adapter trained on `entry` (a cache FactorEntry) of `base` (initialize.BaseInfo).
+
+    LoRA-SB factors carry their own scale in R0 = diag(S), so their scaling is 1 (alpha = r).
+    """
+    method = entry.meta.get("method", "xs")
+    return AdapterConfig(
+        method=method,
+        rank=rank,
+        alpha=float(rank if alpha is None or method == "sb" else alpha),
+        modules=sorted(modules or entry.modules),
+        base={
+            "spec": base.resolved.spec,
+            "slug": base.slug,
+            "fingerprint": base.fingerprint,
+            "model_type": base.model_type,
+            "repo_id": base.resolved.repo_id,
+            "commit": base.resolved.commit,
+        },
+        factors={"id": entry.id, "sha256": entry.sha256, "r_max": entry.r_max, "method": method},
+        task=task,
+        labels=labels,
+        extra=dict(extra or {}),
+    )
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 

@@ -144,3 +144,44 @@ def tiny_gpt2(vocab_size: int = 49152, seed: int = 0):
     torch.manual_seed(seed)
     config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=256)
     return GPT2LMHeadModel(config)
+
+
+def make_adapter(
+    model_dir: Path,
+    out: Path,
+    *,
+    rank: int = 4,
+    task: str | None = "causal-lm",
+    labels: list[str] | None = None,
+    seed: int = 0,
+    r_std: float = 0.05,
+    alpha: float | None = None,
+    targets: str | None = None,
+    embed_factors: bool = False,
+) -> Path:
+    """An adapter with random, visibly non-zero R (and a random head for seq-cls), saved through the
+    public API exactly as `loraxs train` saves one; for tests of eval, merge, convert and multi-adapter."""
+    import torch
+
+    from loraxs_cli.adapter import adapter_factors, load_adapter, new_config, save_adapter
+    from loraxs_cli.initialize import FactorRequest, ensure_factors, plan_factors
+    from loraxs_cli.models import parse_targets
+
+    plan = plan_factors(FactorRequest(model=str(model_dir), rank=rank, targets=parse_targets(targets)))
+    entry, _ = ensure_factors(plan)
+    gen = torch.Generator().manual_seed(seed)
+    R = {m: torch.randn(rank, rank, generator=gen) * r_std for m in plan.targets}
+    head = {}
+    if task == "seq-cls":
+        from loraxs_cli.models import load_model
+
+        model = load_model(plan.base.resolved, head="seq-cls")
+        for name, param in model.named_parameters():
+            if name.startswith(("classifier.", "score.")):
+                head[name] = torch.randn(param.shape, generator=gen) * 0.1
+    config = new_config(plan.base, entry, rank=rank, alpha=alpha, task=task, labels=labels)
+    save_adapter(out, config, R, head=head)
+    if embed_factors:
+        adapter = load_adapter(out)
+        save_adapter(out, config, R, head=head, factors=adapter_factors(adapter))
+    return out
