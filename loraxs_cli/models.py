@@ -353,3 +353,31 @@ def read_model_type(resolved: ResolvedModel) -> str:
         return json.loads((resolved.path / "config.json").read_text())["model_type"]
     except (OSError, ValueError, KeyError) as error:
         raise BadInputError(f"{resolved.spec}: config.json has no readable model_type") from error
+
+
+def load_tokenizer(resolved: ResolvedModel):
+    """The base's tokenizer, with a pad token (the EOS token when it has none) for batching."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **resolved.from_pretrained_kwargs())
+    except (OSError, ValueError) as error:
+        raise BadInputError(f"{resolved.spec}: cannot load its tokenizer ({error})".splitlines()[0]) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def head_kwargs(task: str, labels: list[str] | None) -> dict:
+    """load_model arguments for a task: the head class, and the label map of a classifier."""
+    if task == "causal-lm":
+        return {"head": "causal-lm"}
+    if task == "regression":
+        return {"head": "seq-cls", "num_labels": 1, "problem_type": "regression"}
+    return {
+        "head": "seq-cls",
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "problem_type": "single_label_classification",
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import cache_cmd, init_cmd, inspect_cmd
+from . import cache_cmd, eval_cmd, init_cmd, inspect_cmd, train_cmd
 from .output import Output
 
 app = typer.Typer(
@@ -45,6 +45,8 @@ def root(
 
 app.command("init")(init_cmd.init)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.evaluate)
 app.add_typer(cache_cmd.app, name="cache")
 
 

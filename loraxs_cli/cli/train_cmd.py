@@ -1,0 +1,239 @@
+"""`loraxs train MODEL --data TRAIN --task ... --rank R --out RUN_DIR`: train an adapter."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import typer
+
+from .init_cmd import TARGETS_HELP
+from .options import config_option
+from .output import Output, get_output, handle_errors
+from .render import bytes_human
+
+TASK_HELP = "causal-lm (prompt/response, messages, text), seq-cls (text + label) or regression (float label)."
+
+
+@handle_errors
+def train(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Local directory, Hugging Face model id, or .gguf file."),
+    data: str = typer.Option(..., "--data", "-d", help="Training data: .jsonl, .csv, .parquet or .txt."),
+    task: str = typer.Option("causal-lm", "--task", help=TASK_HELP),
+    rank: int = typer.Option(16, "--rank", "-r", help="Rank r: each target module trains r x r numbers."),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Run directory (checkpoints, metrics, adapter)."),
+    method: str = typer.Option("xs", "--method", help="xs: SVD of the weights. sb: LoRA-SB factors."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Scaling s = alpha / r (default alpha = r)."),
+    targets: str | None = typer.Option(None, "--targets", "-t", help=TARGETS_HELP),
+    eval_data: str | None = typer.Option(None, "--eval-data", help="Held-out data for periodic evaluation."),
+    eval_split: float = typer.Option(
+        0.0, "--eval-split", help="Hold out this share of --data instead (stratified for seq-cls)."
+    ),
+    max_length: int = typer.Option(512, "--max-length", help="Tokens per example (longer text is cut)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Examples per micro-batch and process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of the R matrices."),
+    head_lr: float | None = typer.Option(
+        None, "--head-lr", help="Learning rate of a task head (classifier); default --lr."
+    ),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    warmup_ratio: float = typer.Option(0.0, "--warmup-ratio", help="Share of steps with a linear warmup."),
+    schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warmup)."),
+    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data (ignored with --max-steps)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps to run."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: at the end)."),
+    metric: str | None = typer.Option(
+        None, "--metric", help="Keep the best adapter by this eval metric (default: accuracy/pearson/loss)."
+    ),
+    save_every: int = typer.Option(
+        100, "--save-every", help="Checkpoint every N steps (0: only at the end)."
+    ),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints kept on disk."),
+    log_every: int = typer.Option(10, "--log-every", help="Write metrics.jsonl every N steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of data order, R initialisation and a new head."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="Autocast: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help="Base weights dtype: auto, fp32, bf16, fp16."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: GPU if any)."),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Trade compute for memory."
+    ),
+    svd: str = typer.Option("torch", "--svd", help="SVD backend if the factors must be computed."),
+    niter: int = typer.Option(4, "--niter"),
+    oversample: int = typer.Option(16, "--oversample"),
+    embed_factors: bool = typer.Option(
+        False, "--embed-factors", help="Store A and B in the adapter (self-contained, larger)."
+    ),
+    resume: bool | None = typer.Option(
+        None, "--resume/--no-resume", help="Continue the run in --out (default: if it has checkpoints)."
+    ),
+    sb_samples: int = typer.Option(
+        64, "--sb-samples", help="LoRA-SB: examples whose mean gradient sets the factors."
+    ),
+    sb_lr: float = typer.Option(1e-3, "--sb-lr", help="LoRA-SB: eta of the approximated first AdamW step."),
+    sb_batch_size: int | None = typer.Option(
+        None, "--sb-batch-size", help="LoRA-SB: batch size of the gradient pass."
+    ),
+    max_grad_memory: str = typer.Option(
+        "2GiB", "--max-grad-memory", help="LoRA-SB: budget for float32 gradient accumulators (e.g. 512MiB)."
+    ),
+    config: str | None = config_option(),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (cache hit/miss, steps, sizes) and exit."
+    ),
+    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """Train a LoRA-XS (or LoRA-SB) adapter; writes RUN_DIR/adapter."""
+    out = get_output(ctx, json_flag)
+    from ..train import TrainConfig
+
+    settings = TrainConfig(
+        model=model,
+        data=data,
+        out=out_dir,
+        task=task,
+        method=method,
+        rank=rank,
+        alpha=alpha,
+        targets=targets,
+        eval_data=eval_data,
+        eval_split=eval_split,
+        max_length=max_length,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        head_lr=head_lr,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        schedule=schedule,
+        epochs=epochs,
+        max_steps=max_steps,
+        max_grad_norm=max_grad_norm,
+        eval_every=eval_every,
+        metric=metric,
+        save_every=save_every,
+        keep_checkpoints=keep_checkpoints,
+        log_every=log_every,
+        seed=seed,
+        precision=precision,
+        dtype=dtype,
+        device=device,
+        gradient_checkpointing=gradient_checkpointing,
+        svd=svd,
+        niter=niter,
+        oversample=oversample,
+        embed_factors=embed_factors,
+        resume={None: "auto", True: "always", False: "never"}[resume],
+        sb={
+            "samples": sb_samples,
+            "eta": sb_lr,
+            "batch_size": sb_batch_size,
+            "max_grad_memory": max_grad_memory,
+        },
+    )
+    if dry_run:
+        from ..train import plan_training
+
+        _render_plan(out, plan_training(settings))
+        return
+    from ..train import train as run
+
+    with TrainDisplay(out) as display:
+        result = run(settings, display.events())
+    _render_result(out, result)
+
+
+class TrainDisplay:
+    """Progress on stderr: a rich bar with loss, lr, tokens/s and ETA, or plain lines without a TTY."""
+
+    def __init__(self, out: Output):
+        self.out = out
+        self.stack = ExitStack()
+        self.advance = None
+
+    def __enter__(self) -> TrainDisplay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def events(self):
+        from ..train import TrainEvents
+
+        return TrainEvents(
+            message=self.out.info, start=self._start, step=self._step, evaluated=self._evaluated
+        )
+
+    def _start(self, start_step: int, total_steps: int) -> None:
+        self.advance = self.stack.enter_context(self.out.progress("train", total=total_steps))
+        if start_step:
+            self.advance(start_step, status="(resumed)")
+
+    def _step(self, row: dict) -> None:
+        status = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s"
+        self.advance(1, status=status)
+
+    def _evaluated(self, row: dict) -> None:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in row["eval"].items() if isinstance(v, float))
+        self.out.info(f"eval at step {row['step']}: {shown}")
+
+
+def _render_plan(out: Output, plan: dict) -> None:
+    def render() -> None:
+        out.out.print(f"[bold]{plan['model']}[/] -> {plan['out']}")
+        out.out.print(
+            f"  factors:    {plan['cache']} "
+            f"({plan['method']}, {plan['modules']} modules, rank {plan['rank']})"
+        )
+        out.out.print(
+            f"  trainable:  {plan['adapter_params']:,} adapter + {plan['head_params']:,} head parameters"
+        )
+        out.out.print(
+            f"  data:       {plan['train_examples']:,} training rows, {plan['eval_examples']:,} held out"
+        )
+        out.out.print(f"  schedule:   {plan['steps']:,} steps of {plan['examples_per_step']} examples")
+        out.out.print(f"  memory:     about {bytes_human(plan['weights_bytes'])} of base weights")
+        out.out.print(f"  resume:     {plan['resume'] or 'no (new run)'}")
+
+    out.result({"dry_run": True, **plan}, render)
+
+
+def _render_result(out: Output, result) -> None:
+    from rich.table import Table
+
+    adapter_bytes = sum(p.stat().st_size for p in result.adapter_dir.iterdir() if p.is_file())
+    doc = {
+        "run_dir": str(result.run_dir),
+        "adapter": str(result.adapter_dir),
+        "best": str(result.best_dir) if result.best_dir else None,
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "final_loss": result.final_loss,
+        "eval": result.eval,
+        "best_metric": result.best,
+        "adapter_params": result.adapter_params,
+        "head_params": result.head_params,
+        "adapter_bytes": adapter_bytes,
+        "factor_entry": result.factor_entry,
+        "cache": "hit" if result.cache_hit else "miss",
+        "seconds": round(result.seconds, 2),
+    }
+
+    def render() -> None:
+        table = Table(title=f"trained {result.steps} steps in {result.seconds:.0f} s", show_header=False)
+        table.add_row("adapter", f"{result.adapter_dir} ({bytes_human(adapter_bytes)})")
+        table.add_row("trainable", f"{result.adapter_params:,} in R + {result.head_params:,} in the head")
+        if result.final_loss is not None:
+            table.add_row("last train loss", f"{result.final_loss:.4f}")
+        for key, value in (result.eval or {}).items():
+            if isinstance(value, float):
+                table.add_row(f"eval {key}", f"{value:.4f}")
+        if result.best:
+            table.add_row(
+                "best", f"{result.best['metric']} {result.best['value']:.4f} at step {result.best['step']}"
+            )
+        out.out.print(table)
+
+    out.result(doc, render)

@@ -1,0 +1,314 @@
+"""Metrics and generation: loss/perplexity, classification and regression scores, exact match.
+
+Scores come from scikit-learn and scipy; this module only gathers predictions. The loss helpers are
+shared with training so that "eval loss" means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, Example, collate
+
+# The last number in a text, or what follows a "####" marker (GSM8K style) when there is one.
+MARKER_PATTERN = r"####\s*(-?[\d,]*\.?\d+)"
+NUMBER_PATTERN = r"-?\d[\d,]*\.?\d*|-?\.\d+"
+
+HIGHER_IS_BETTER = {"accuracy", "macro_f1", "mcc", "pearson", "spearman", "exact_match"}
+
+
+def default_metric(task: str) -> str:
+    return {"seq-cls": "accuracy", "regression": "pearson"}.get(task, "loss")
+
+
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best if metric in HIGHER_IS_BETTER else value < best
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
+    """Summed loss and the number of terms: tokens for causal-lm, examples otherwise (float32)."""
+    logits = logits.float()
+    if task == "causal-lm":
+        shifted, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        count = int((targets != IGNORE_INDEX).sum())
+        return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum"), count
+    if task == "seq-cls":
+        return F.cross_entropy(logits, labels, reduction="sum"), labels.shape[0]
+    return F.mse_loss(logits.view(-1), labels.view(-1), reduction="sum"), labels.shape[0]
+
+
+def model_inputs(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+def by_length(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
+    """Batches of similar length (less padding); metrics do not depend on order."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+@torch.no_grad()
+def evaluate_examples(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    task: str,
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    autocast: Callable | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Loss and perplexity (causal-lm); accuracy, macro-F1, MCC (seq-cls); correlations (regression)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    predictions: list = []
+    targets: list = []
+    try:
+        for chunk in by_length(examples, batch_size):
+            batch = collate(chunk, pad_id, task)
+            with autocast() if autocast else nullcontext():
+                logits = model(**model_inputs(batch, device)).logits
+            labels = batch["labels"].to(logits.device)
+            summed, n = loss_sum(logits, labels, task)
+            total, count = total + float(summed), count + n
+            if task == "seq-cls":
+                predictions += logits.argmax(-1).tolist()
+                targets += labels.tolist()
+            elif task == "regression":
+                predictions += logits.float().view(-1).tolist()
+                targets += labels.tolist()
+            if on_batch:
+                on_batch(len(chunk))
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    metrics = {"loss": loss, "examples": len(examples)}
+    if task == "causal-lm":
+        metrics.update(perplexity=math.exp(min(loss, 700)), tokens=count)
+    elif task == "seq-cls":
+        metrics.update(classification_scores(targets, predictions))
+    else:
+        metrics.update(regression_scores(targets, predictions))
+    return metrics
+
+
+def classification_scores(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    return {
+        "accuracy": float(accuracy_score(targets, predictions)),
+        "macro_f1": float(f1_score(targets, predictions, average="macro", zero_division=0)),
+        "mcc": float(matthews_corrcoef(targets, predictions)),
+    }
+
+
+def regression_scores(targets: Sequence[float], predictions: Sequence[float]) -> dict[str, float]:
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_squared_error
+
+    constant = len(set(predictions)) < 2 or len(set(targets)) < 2
+    return {
+        "pearson": float("nan") if constant else float(pearsonr(targets, predictions)[0]),
+        "spearman": float("nan") if constant else float(spearmanr(targets, predictions)[0]),
+        "mse": float(mean_squared_error(targets, predictions)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def extract_answer(text: str, pattern: str | None = None) -> str | None:
+    """The final answer in a generated text: the first group of `pattern` (its last match), or by
+    default what follows "####" if present, else the last number. Numbers lose thousands separators."""
+    if pattern:
+        found = re.findall(pattern, text)
+        if not found:
+            return None
+        last = found[-1]
+        return (last if isinstance(last, str) else last[0]).strip()
+    marker = re.findall(MARKER_PATTERN, text)
+    numbers = marker or re.findall(NUMBER_PATTERN, text)
+    return _normalise_number(numbers[-1]) if numbers else None
+
+
+def _normalise_number(value: str) -> str:
+    value = value.replace(",", "").rstrip(".")
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Batched greedy decoding with left padding and the KV cache; returns only the new text."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    outputs = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    try:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
+            generated = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
+            )
+            texts = tokenizer.batch_decode(
+                generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            for i, text in zip(index, texts, strict=True):
+                outputs[i] = text
+            if on_batch:
+                on_batch(len(index))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+def exact_match(predicted: Sequence[str], references: Sequence[str], pattern: str | None = None) -> float:
+    """Share of generations whose extracted final answer equals the reference's."""
+    from sklearn.metrics import accuracy_score
+
+    got = [str(extract_answer(p, pattern)) for p in predicted]
+    want = [str(extract_answer(r, pattern) or r.strip()) for r in references]
+    return float(accuracy_score(want, got)) if want else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# The `eval` command's core: one base, zero or more adapters, one result row each
+
+
+@dataclass
+class EvalRequest:
+    model: str
+    data: str
+    adapters: list[str] = field(default_factory=list)
+    task: str | None = None  # default: the adapters' task, else causal-lm
+    batch_size: int = 16
+    max_length: int = 512
+    generate: bool = False
+    max_new_tokens: int = 64
+    answer_regex: str | None = None
+    limit: int | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+
+
+def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
+    """Evaluate the base model (no adapters) or each adapter on the same data; one dict per row."""
+    from . import data as datamod
+    from .adapter import apply_adapter, check_base, load_adapter
+    from .initialize import describe_base
+    from .layer import remove
+    from .models import backbone, head_kwargs, load_model, load_tokenizer
+
+    base = describe_base(request.model, dtype=request.dtype)
+    adapters = [load_adapter(path) for path in request.adapters]
+    for adapter in adapters:
+        check_base(adapter, base.fingerprint, request.model)
+    task = _eval_task(request, adapters)
+    rows = datamod.read_rows(request.data)[: request.limit or None]
+    labels = next((a.config.labels for a in adapters if a.config.labels), None) or datamod.label_names(
+        rows, task
+    )
+    tokenizer = load_tokenizer(base.resolved)
+    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(request.seed)  # the untrained head of a base-model classification run
+    model = load_model(base.resolved, dtype=request.dtype, **head_kwargs(task, labels)).to(device)
+    if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    measure = _generation_measure(request, rows, tokenizer) if request.generate else None
+    if measure is None:
+        examples = datamod.encode(rows, tokenizer, task, max_length=request.max_length, labels=labels)
+    units = len(rows) if request.generate else len(examples)
+    if on_start:
+        on_start(units * max(len(adapters), 1))
+    results = []
+    for adapter in adapters or [None]:
+        if adapter is not None:
+            apply_adapter(model, adapter)
+        if measure is not None:
+            metrics = measure(model, device, on_batch)
+        else:
+            metrics = evaluate_examples(
+                model,
+                examples,
+                task,
+                batch_size=request.batch_size,
+                pad_id=datamod.pad_id_of(tokenizer),
+                device=device,
+                on_batch=on_batch,
+            )
+        results.append({"adapter": str(adapter.path) if adapter else None, "task": task, **metrics})
+        if adapter is not None:
+            remove(backbone(model))
+    return results
+
+
+def _eval_task(request: EvalRequest, adapters) -> str:
+    from . import data as datamod
+    from .errors import IncompatibleError
+
+    tasks = {a.config.task for a in adapters if a.config.task}
+    if len(tasks) > 1:
+        raise IncompatibleError(f"the adapters were trained for different tasks ({', '.join(sorted(tasks))})")
+    task = request.task or (tasks.pop() if tasks else "causal-lm")
+    if adapters and adapters[0].config.task and task != adapters[0].config.task:
+        raise IncompatibleError(f"--task {task} does not match the adapter's task {adapters[0].config.task}")
+    return datamod.check_task(task)
+
+
+def _generation_measure(request: EvalRequest, rows, tokenizer):
+    from . import data as datamod
+
+    prompts = [datamod.prompt_text(row, tokenizer) for row in rows]
+    references = [datamod.reference_answer(row) for row in rows]
+
+    def measure(model, device, on_batch) -> dict:
+        predicted = generate_texts(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=request.max_new_tokens,
+            batch_size=request.batch_size,
+            device=device,
+            on_batch=on_batch,
+        )
+        return {
+            "exact_match": exact_match(predicted, references, request.answer_regex),
+            "examples": len(rows),
+            "samples": [
+                {"prompt": p, "output": o, "reference": r}
+                for p, o, r in zip(prompts[:3], predicted[:3], references[:3], strict=True)
+            ],
+        }
+
+    return measure
