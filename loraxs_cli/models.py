@@ -372,10 +372,12 @@ def head_kwargs(task: str, labels: list[str] | None) -> dict:
     """load_model arguments for a task: the head class, and the label map of a classifier."""
     if task == "causal-lm":
         return {"head": "causal-lm"}
+    # A base that is already a classifier for another label set gets a fresh head of the right size.
+    fresh = {"head": "seq-cls", "ignore_mismatched_sizes": True}
     if task == "regression":
-        return {"head": "seq-cls", "num_labels": 1, "problem_type": "regression"}
+        return {**fresh, "num_labels": 1, "problem_type": "regression"}
     return {
-        "head": "seq-cls",
+        **fresh,
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),
         "label2id": {name: i for i, name in enumerate(labels)},

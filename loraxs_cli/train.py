@@ -253,6 +253,13 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events: Train
 
         request, compute = sb_request(request, config, dist)
     plan = plan_factors(request)
+    # Encode before any SVD so a bad row fails in seconds, not after minutes of factor computation.
+    tokenizer = load_tokenizer(plan.base.resolved)
+
+    def encode(rows_):
+        return datamod.encode(rows_, tokenizer, config.task, max_length=config.max_length, labels=labels)
+
+    train_examples, held_examples = encode(train_rows), encode(held_rows) if held_rows else []
     if plan.entry:
         events.message(f"factor cache hit: {plan.entry.id}")
     else:
@@ -260,7 +267,6 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events: Train
         events.message(f"factor cache miss: computing {what}")
     entry, hit = ensure_factors(plan, compute=compute)
 
-    tokenizer = load_tokenizer(plan.base.resolved)
     torch.manual_seed(config.seed)  # a fresh task head is initialised from the run's seed
     model = load_model(plan.base.resolved, dtype=config.dtype, **head_kwargs(config.task, labels))
     model.to(device)
@@ -288,9 +294,6 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events: Train
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def encode(rows_):
-        return datamod.encode(rows_, tokenizer, config.task, max_length=config.max_length, labels=labels)
-
     return Prepared(
         config,
         tokenizer,
@@ -299,8 +302,8 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events: Train
         entry,
         hit,
         labels,
-        encode(train_rows),
-        encode(held_rows) if held_rows else [],
+        train_examples,
+        held_examples,
         head_names,
         datamod.file_sha256(config.data),
     )
