@@ -109,9 +109,24 @@ def _checkpoint_dtype(config) -> torch.dtype:
     return torch.float32
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device torch cannot use before any work, with one line instead of a torch traceback."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise BadInputError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from error
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise BadInputError(f"--device {device}: {count} CUDA device(s) available here; use --device cpu")
+
+
 def plan_factors(request: FactorRequest, cache: FactorCache | None = None) -> FactorPlan:
     if request.method not in METHODS:
         raise BadInputError(f"unknown --method {request.method!r}: use xs or sb")
+    check_device(request.device)
     base = describe_base(request.model, request.revision, request.dtype)
     targets = match_targets(base.modules, request.targets, base.model_type)
     check_rank(request.rank, base.shapes(targets))
@@ -184,3 +199,121 @@ def _compute_xs(plan: FactorPlan, on_module) -> tuple[dict, dict]:
         on_module=on_module,
     )
     return result.tensors, {"stats": result.stats}
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA-SB: the recipe names the gradient sample; the compute step runs the gradient pass
+
+
+@dataclass(frozen=True)
+class SBInit:
+    """Where LoRA-SB's approximated first step comes from. All but the memory budget are recorded."""
+
+    data: str
+    task: str
+    samples: int = 64
+    eta: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 512
+    seed: int = 0
+    held_out_split: float = 0.0  # rows `train --eval-split` holds out are never in the sample
+    max_grad_memory: int = 2 << 30  # bytes of float32 accumulators per pass (not part of the recipe)
+
+
+def parse_bytes(text: str | int) -> int:
+    """'512MiB', '2GiB', '1.5G', '800MB' (binary units) or a plain byte count."""
+    import re
+
+    if isinstance(text, int):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+        if not match:
+            raise BadInputError(f"not a memory size: {text!r} (use e.g. 512MiB or 2GiB)")
+        size = int(float(match[1]) * (1 << (10 * " kmgt".index(match[2] or " "))))
+    if size <= 0:
+        raise BadInputError(f"memory size must be positive, got {text!r}")
+    return size
+
+
+def sb_request(
+    request: FactorRequest, sb: SBInit, all_reduce: Callable | None = None, shard: tuple[int, int] = (0, 1)
+) -> tuple[FactorRequest, Callable]:
+    """The request with LoRA-SB's recipe fields, and the compute step for ensure_factors.
+
+    `shard` = (rank, world) splits the sample across torchrun processes; `all_reduce` sums their
+    accumulators so every process gets identical factors.
+    """
+    from dataclasses import replace
+
+    from .data import check_task, file_sha256
+    from .sb import SBSettings
+
+    check_task(sb.task)
+    if sb.samples <= 0 or sb.batch_size <= 0 or sb.max_length <= 0:
+        raise BadInputError("LoRA-SB: --samples, --batch-size and --max-length must be positive")
+    if not sb.eta > 0:
+        raise BadInputError(f"LoRA-SB: --sb-lr must be positive, got {sb.eta}")
+    rows, labels = _sb_rows(sb)
+    settings = SBSettings(eta=sb.eta)
+    extra = {
+        "data_sha256": file_sha256(sb.data),
+        "samples": len(rows),
+        "task": sb.task,
+        "labels": labels,
+        "seed": sb.seed,
+        "batch_size": sb.batch_size,
+        "max_length": sb.max_length,
+        "held_out_split": sb.held_out_split,
+        **settings.as_dict(),
+    }
+
+    def compute(plan: FactorPlan, on_module) -> tuple[dict, dict]:
+        return _compute_sb(plan, sb, rows, labels, settings, all_reduce, shard, on_module)
+
+    return replace(request, method="sb", extra={"sb": extra}), compute
+
+
+def _sb_rows(sb: SBInit) -> tuple[list, list[str] | None]:
+    """The seeded gradient sample: `samples` rows of the training part of the data."""
+    import random
+
+    from .data import label_names, read_rows, stratified_split
+
+    rows = read_rows(sb.data)
+    labels = label_names(rows, sb.task)
+    if sb.held_out_split:
+        rows, _ = stratified_split(rows, sb.held_out_split, sb.seed, sb.task)
+    chosen = sorted(random.Random(sb.seed).sample(range(len(rows)), min(sb.samples, len(rows))))
+    return [rows[i] for i in chosen], labels
+
+
+def _compute_sb(plan, sb: SBInit, rows, labels, settings, all_reduce, shard, on_module):
+    from .data import collate, encode, pad_id_of
+    from .models import backbone, head_kwargs, load_tokenizer
+    from .sb import average_gradients, plan_groups, sb_factors
+
+    tokenizer = load_tokenizer(plan.base.resolved)
+    examples = encode(rows, tokenizer, sb.task, max_length=sb.max_length, labels=labels)
+    rank, world = shard
+    mine = examples[rank::world]
+    torch.manual_seed(sb.seed)  # the same fresh task head that `train --seed` starts from
+    model = load_model(plan.base.resolved, dtype=plan.base.weights_dtype, **head_kwargs(sb.task, labels))
+    device = torch.device(plan.request.device or "cpu")
+    model.to(device)
+    pad_id = pad_id_of(tokenizer)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id
+
+    def batches():
+        for start in range(0, len(mine), sb.batch_size):
+            batch = collate(mine[start : start + sb.batch_size], pad_id, sb.task)
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    core = backbone(model)
+    gradients = average_gradients(
+        model, core, plan.targets, batches, budget_bytes=sb.max_grad_memory, all_reduce=all_reduce
+    )
+    tensors, stats = sb_factors(gradients, core, plan.request.rank, settings, plan.request.svd, on_module)
+    groups = len(plan_groups(plan.base.shapes(plan.targets), sb.max_grad_memory))
+    return tensors, {"stats": stats, "sb": {"examples": len(examples), "gradient_passes": groups}}

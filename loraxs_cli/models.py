@@ -169,10 +169,21 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def require_gguf_package(resolved: ResolvedModel) -> None:
+    """Fail with one line before transformers logs its own multi-line advice."""
+    import importlib.util
+
+    if resolved.gguf_file and importlib.util.find_spec("gguf") is None:
+        raise BadInputError(
+            f"{resolved.spec}: reading a GGUF file needs the gguf package: pip install 'loraxs[gguf]'"
+        )
+
+
 def load_config(resolved: ResolvedModel):
     from transformers import AutoConfig
 
     quiet_transformers()
+    require_gguf_package(resolved)
     try:
         return AutoConfig.from_pretrained(str(resolved.path), **resolved.from_pretrained_kwargs())
     except ImportError as error:
@@ -180,6 +191,13 @@ def load_config(resolved: ResolvedModel):
     except (OSError, ValueError, KeyError) as error:
         raise BadInputError(
             f"{resolved.spec}: cannot read the model config ({error})".splitlines()[0]
+        ) from error
+    except Exception as error:
+        if not resolved.gguf_file:
+            raise
+        # transformers' GGUF reader fails on a truncated or foreign file with struct errors and the like.
+        raise BadInputError(
+            f"{resolved.spec}: not a readable GGUF file ({type(error).__name__}: {error})".splitlines()[0]
         ) from error
 
 
@@ -219,6 +237,7 @@ def load_model(
     import transformers
 
     quiet_transformers()
+    require_gguf_package(resolved)
     classes = {
         "base": transformers.AutoModel,
         "causal-lm": transformers.AutoModelForCausalLM,
@@ -359,6 +378,7 @@ def load_tokenizer(resolved: ResolvedModel):
     """The base's tokenizer, with a pad token (the EOS token when it has none) for batching."""
     from transformers import AutoTokenizer
 
+    require_gguf_package(resolved)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), **resolved.from_pretrained_kwargs())
     except (OSError, ValueError) as error:

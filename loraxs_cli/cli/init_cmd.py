@@ -34,6 +34,17 @@ def init(
         "auto", "--dtype", help="Read the weights in this dtype: auto (checkpoint's), fp32, bf16, fp16."
     ),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    data: str | None = typer.Option(
+        None, "--data", "-d", help="LoRA-SB: training data whose sample gradient sets the factors."
+    ),
+    task: str = typer.Option("causal-lm", "--task", help="LoRA-SB: causal-lm, seq-cls or regression."),
+    samples: int = typer.Option(64, "--samples", help="LoRA-SB: examples in the gradient sample."),
+    sb_lr: float = typer.Option(1e-3, "--sb-lr", help="LoRA-SB: eta of the approximated first AdamW step."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="LoRA-SB: batch size of the gradient pass."),
+    max_length: int = typer.Option(512, "--max-length", help="LoRA-SB: tokens per example."),
+    max_grad_memory: str = typer.Option(
+        "2GiB", "--max-grad-memory", help="LoRA-SB: float32 gradient accumulators per pass (more: groups)."
+    ),
     force: bool = typer.Option(False, "--force", help="Recompute even when the cache has the entry."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (hit or miss, sizes, memory) and exit."
@@ -43,7 +54,7 @@ def init(
     """Compute LoRA-XS factors for MODEL (or serve them from the cache)."""
     out = get_output(ctx, json_flag)
     from ..factors import SVDSettings
-    from ..initialize import FactorRequest, ensure_factors, plan_factors
+    from ..initialize import FactorRequest, ensure_factors, parse_bytes, plan_factors
     from ..models import parse_targets
 
     request = FactorRequest(
@@ -56,16 +67,18 @@ def init(
         device=device,
         revision=revision,
     )
+    compute = None
     if method == "sb":
+        request, compute = _sb_request(request, data, task, samples, sb_lr, batch_size, max_length, seed,
+                                       max_grad_memory)  # fmt: skip
+    elif data is not None:
         from ..errors import UsageError
 
-        raise UsageError(
-            "--method sb needs training data: use `loraxs init --method sb --data ...` (LoRA-SB)"
-        )
+        raise UsageError("--data is for --method sb (LoRA-XS factors come from the weights alone)")
     out.detail(f"resolving {model}")
     plan = plan_factors(request)
     if dry_run:
-        _render_plan(out, plan)
+        _render_plan(out, plan, parse_bytes(max_grad_memory) if method == "sb" else None)
         return
     with out.progress("SVD", total=len(plan.targets)) as advance:
         entry, hit = ensure_factors(
@@ -73,11 +86,31 @@ def init(
             force=force,
             on_start=lambda n: out.info(f"cache miss: computing {n} factor pairs at rank {rank}"),
             on_module=lambda name: advance(status=name),
+            compute=compute,
         )
     _render_entry(out, plan, entry, hit)
 
 
-def _render_plan(out: Output, plan) -> None:
+def _sb_request(request, data, task, samples, sb_lr, batch_size, max_length, seed, max_grad_memory):
+    from ..errors import UsageError
+    from ..initialize import SBInit, parse_bytes, sb_request
+
+    if data is None:
+        raise UsageError("--method sb needs --data: LoRA-SB factors come from a gradient on training data")
+    sb = SBInit(
+        data=data,
+        task=task,
+        samples=samples,
+        eta=sb_lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        max_grad_memory=parse_bytes(max_grad_memory),
+    )
+    return sb_request(request, sb)
+
+
+def _render_plan(out: Output, plan, grad_budget: int | None) -> None:
     base = plan.base
     doc = {
         "dry_run": True,
@@ -94,6 +127,14 @@ def _render_plan(out: Output, plan) -> None:
         "base_params": base.total_params,
         "base_dtype": str(base.weights_dtype).removeprefix("torch."),
     }
+    if grad_budget is not None:
+        from ..sb import plan_groups
+
+        groups = plan_groups(base.shapes(plan.targets), grad_budget)
+        shapes = base.shapes(plan.targets)
+        doc["sb"] = plan.recipe.extra["sb"]
+        doc["gradient_passes"] = len(groups)
+        doc["accumulator_bytes"] = max(sum(4 * m * n for m, n in (shapes[t] for t in g)) for g in groups)
 
     def render() -> None:
         hit = f"hit ({plan.entry.id})" if plan.entry else "miss: factors would be computed"
@@ -101,7 +142,15 @@ def _render_plan(out: Output, plan) -> None:
         out.out.print(f"  cache:    {hit}")
         out.out.print(f"  modules:  {len(plan.targets)} at rank {plan.request.rank}")
         out.out.print(f"  factors:  {bytes_human(plan.factor_bytes)} on disk (float32)")
-        out.out.print(f"  memory:   base weights in {doc['base_dtype']} + one weight in float32 at a time")
+        if grad_budget is None:
+            out.out.print(
+                f"  memory:   base weights in {doc['base_dtype']} + one weight in float32 at a time"
+            )
+            return
+        out.out.print(
+            f"  memory:   a training step + {bytes_human(doc['accumulator_bytes'])} of float32 gradient "
+            f"accumulators ({doc['gradient_passes']} pass(es) over {doc['sb']['samples']} samples)"
+        )
 
     out.result(doc, render)
 
@@ -128,10 +177,12 @@ def _render_entry(out: Output, plan, entry, hit: bool) -> None:
         "sha256": entry.sha256,
         "seconds": entry.meta.get("seconds"),
         "modules": modules,
+        "sb": entry.meta.get("recipe", {}).get("extra", {}).get("sb"),
     }
 
     def render() -> None:
-        energy_table(out.out, modules, rank=rank, r_max=entry.r_max, full=out.verbosity > 0)
+        of = "dW" if entry.meta["method"] == "sb" else "W"
+        energy_table(out.out, modules, rank=rank, r_max=entry.r_max, full=out.verbosity > 0, of=of)
         verb = "served from the cache" if hit else f"computed in {entry.meta.get('seconds', 0):.1f} s"
         out.out.print(f"{len(modules)} factor pairs at rank {rank} {verb}: [bold]{entry.path}[/]")
 

@@ -16,9 +16,13 @@ def module_kind(name: str) -> str:
     return re.sub(r"^(.*?\.)?\d+\.", "", name)
 
 
-def energy_table(console: Console, modules: list[dict], *, rank: int, r_max: int, full: bool) -> None:
-    """Captured energy per module (with -v) or per module kind (mean, min over layers)."""
-    title = f"share of ||W||_F^2 kept at rank {rank}" + (
+def energy_table(
+    console: Console, modules: list[dict], *, rank: int, r_max: int, full: bool, of: str = "W"
+) -> None:
+    """Captured energy per module (with -v) or per module kind (mean, min over layers).
+
+    `of` names the matrix whose truncated SVD made the factors: W (LoRA-XS) or dW (LoRA-SB)."""
+    title = f"share of ||{of}||_F^2 kept at rank {rank}" + (
         f" (entry has r_max {r_max})" if r_max != rank else ""
     )
     table = Table(title=title, title_justify="left")
