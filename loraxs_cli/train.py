@@ -28,6 +28,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,9 @@ from . import data as datamod
 from .errors import BadInputError, DivergedError, UsageError
 from .evaluate import default_metric, evaluate_examples, is_better, loss_sum, model_inputs
 from .factors import SVDSettings
+
+if TYPE_CHECKING:
+    from .initialize import SBInit
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
@@ -251,7 +255,8 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events: Train
     if config.method == "sb":
         from .initialize import sb_request
 
-        request, compute = sb_request(request, config, dist)
+        all_reduce = torch.distributed.all_reduce if dist.enabled else None
+        request, compute = sb_request(request, sb_init(config), all_reduce, (dist.rank, dist.world))
     plan = plan_factors(request)
     # Encode before any SVD so a bad row fails in seconds, not after minutes of factor computation.
     tokenizer = load_tokenizer(plan.base.resolved)
@@ -265,6 +270,11 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events: Train
     else:
         what = f"{len(plan.targets)} {config.method.upper()} factor pairs at rank {config.rank}"
         events.message(f"factor cache miss: computing {what}")
+        if compute is not None and dist.enabled:
+            # The gradient pass is collective: every process runs its share outside the cache lock,
+            # then the first to take the lock writes the (identical) result.
+            computed = compute(plan, None)
+            compute = lambda plan_, on_module: computed  # noqa: E731
     entry, hit = ensure_factors(plan, compute=compute)
 
     torch.manual_seed(config.seed)  # a fresh task head is initialised from the run's seed
@@ -306,6 +316,24 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events: Train
         held_examples,
         head_names,
         datamod.file_sha256(config.data),
+    )
+
+
+def sb_init(config: TrainConfig) -> SBInit:
+    """LoRA-SB's gradient sample for a training run: drawn from the training rows only."""
+    from .initialize import SBInit, parse_bytes
+
+    sb = config.sb
+    return SBInit(
+        data=config.data,
+        task=config.task,
+        samples=sb.get("samples", 64),
+        eta=sb.get("eta", 1e-3),
+        batch_size=sb.get("batch_size") or 8,
+        max_length=config.max_length,
+        seed=config.seed,
+        held_out_split=0.0 if config.eval_data else config.eval_split or 0.0,
+        max_grad_memory=parse_bytes(sb.get("max_grad_memory", "2GiB")),
     )
 
 
@@ -732,6 +760,9 @@ def _save_adapter(prep: Prepared, out: Path, R: dict, head: dict, metrics: dict)
             k: getattr(config, k) for k in ("lr", "head_lr", "batch_size", "grad_accum", "seed", "schedule")
         },
     }
+    sb = prep.entry.meta.get("recipe", {}).get("extra", {}).get("sb")
+    if sb:
+        extra["sb"] = sb
     adapter_config = new_config(
         prep.plan.base,
         prep.entry,
@@ -808,7 +839,7 @@ def plan_training(config: TrainConfig) -> dict:
     if config.method == "sb":
         from .initialize import sb_request
 
-        request, _ = sb_request(request, config, Dist())
+        request, _ = sb_request(request, sb_init(config))
     plan = plan_factors(request)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     hidden = getattr(plan.base.config, "hidden_size", 0)

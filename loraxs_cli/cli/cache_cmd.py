@@ -25,7 +25,7 @@ def _describe(entry) -> dict:
         "r_max": entry.r_max,
         "modules": len(entry.modules),
         "svd": meta.get("recipe", {}).get("svd"),
-        "sb": extra or None,
+        "sb": extra.get("sb"),
         "bytes": entry.size_bytes(),
         "created": meta.get("created"),
         "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used())),
@@ -56,7 +56,9 @@ def ls(
             table.add_column(column, justify="right" if column in ("r_max", "modules", "size") else "left")
         for r in rows:
             method = r["method"] + (
-                f" ({r['sb'].get('samples')} samples, eta {r['sb'].get('eta')})" if r["sb"] else ""
+                f" ({r['sb']['samples']} samples of {r['sb']['data_sha256'][:8]}, eta {r['sb']['eta']})"
+                if r["sb"]
+                else ""
             )
             table.add_row(
                 r["id"],
