@@ -40,6 +40,9 @@ def inspect(
     if is_adapter_dir(target):
         _inspect_adapter(out, Path(target))
         return
+    if (Path(target) / "adapter_config.json").is_file():
+        _inspect_peft(out, Path(target))
+        return
     from ..errors import BadInputError
 
     if dtype not in DTYPE_BYTES:
@@ -154,6 +157,7 @@ def _inspect_adapter(out: Output, path: Path) -> None:
             "embedded": (path / EMBEDDED_FACTORS_FILE).is_file(),
         },
         "extra": config.extra,
+        "sb": (entry.meta.get("recipe", {}).get("extra", {}) if entry else config.extra).get("sb"),
     }
 
     def render() -> None:
@@ -176,7 +180,32 @@ def _inspect_adapter(out: Output, path: Path) -> None:
             "embedded" if doc["factors"]["embedded"] else ("in the cache" if in_cache else "[red]missing[/]")
         )
         p(f"  factors:    {config.factors.get('id')} ({state})")
+        if doc["sb"]:
+            sb = doc["sb"]
+            p(f"  LoRA-SB:    {sb['samples']} samples of data {sb['data_sha256'][:12]}, eta {sb['eta']:g}")
         for key, value in (config.extra.get("metrics") or {}).items():
             p(f"  {key}: {value}")
+        source = config.extra.get("converted_from")
+        if source:
+            kept = source.get("retained_energy")
+            p(f"  converted:  from {source['format']} {source.get('path')}"
+              + (f" (retained {kept:.1%} of ||dW||_F^2)" if kept is not None else ""))  # fmt: skip
+
+    out.result(doc, render)
+
+
+def _inspect_peft(out: Output, path: Path) -> None:
+    """A PEFT LoRA directory (what `convert --to peft-lora` writes): rank, parameters, bytes."""
+    from ..convert import describe_peft_dir
+
+    doc = {"path": str(path), **describe_peft_dir(path)}
+
+    def render() -> None:
+        p = out.out.print
+        p(f"[bold]{path}[/]: PEFT {doc['peft_type']} adapter ({doc['task_type']}), rank {doc['rank']}, "
+          f"lora_alpha {doc['lora_alpha']}")  # fmt: skip
+        p(f"  trainable:  {doc['params']:,} in {doc['modules']} modules"
+          + (f" + {doc['head_params']:,} in the task head" if doc["head_params"] else ""))  # fmt: skip
+        p("  files:      " + ", ".join(f"{n} {bytes_human(s)}" for n, s in doc["files"].items()))
 
     out.result(doc, render)
