@@ -189,10 +189,16 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def load_adapter(path: str | Path) -> Adapter:
-    """Read and validate an adapter directory; every problem is a one-line BadInputError."""
+    """Read and validate an adapter directory, or a pack member `PACK.safetensors::NAME` (pack.py);
+    every problem is a one-line BadInputError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .pack import load_member, split_member
+
+    member = split_member(path)
+    if member is not None:
+        return load_member(*member)
     root = Path(path)
     if not root.is_dir():
         raise BadInputError(f"{root}: no such adapter directory")

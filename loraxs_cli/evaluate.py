@@ -92,8 +92,12 @@ def evaluate_examples(
                 on_batch(len(chunk))
     finally:
         model.train(was_training)
+    return _metrics(task, total, count, predictions, targets, len(examples))
+
+
+def _metrics(task: str, total: float, count: int, predictions: list, targets: list, examples: int) -> dict:
     loss = total / max(count, 1)
-    metrics = {"loss": loss, "examples": len(examples)}
+    metrics = {"loss": loss, "examples": examples}
     if task == "causal-lm":
         metrics.update(perplexity=math.exp(min(loss, 700)), tokens=count)
     elif task == "seq-cls":
@@ -251,6 +255,16 @@ def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
     units = len(rows) if request.generate else len(examples)
     if on_start:
         on_start(units * max(len(adapters), 1))
+    if len(adapters) > 1:  # all adapters in one batched pass per factor set
+        run = _stacked_measure(request, rows, tokenizer, task) if measure else None
+        if run is None:
+            pad_id = datamod.pad_id_of(tokenizer)
+
+            def run(model, multi, device, on_batch):
+                return evaluate_stacked(model, multi, examples, task, batch_size=request.batch_size,
+                                        pad_id=pad_id, device=device, on_batch=on_batch)  # fmt: skip
+
+        return _run_stacked(model, adapters, task, device, run, on_batch)
     results = []
     for adapter in adapters or [None]:
         if adapter is not None:
@@ -312,3 +326,95 @@ def _generation_measure(request: EvalRequest, rows, tokenizer):
         }
 
     return measure
+
+
+# ----------------------------------------------------------------------------------------------
+# Several adapters in one batched pass (multi.py): every example is replicated once per adapter
+
+
+def _run_stacked(model, adapters, task: str, device, run, on_batch) -> list[dict]:
+    """One pass per factor set over all its adapters; one result row per adapter, in request order."""
+    from .multi import group_by_factors, load_multi
+
+    names = [str(a.path) for a in adapters]
+    results: list[dict] = [{}] * len(adapters)
+    for group in group_by_factors(adapters):
+        multi = load_multi(model, [adapters[i] for i in group], [names[i] for i in group])
+        try:
+            measured = run(model, multi, device, on_batch)
+        finally:
+            multi.remove()
+        for i, metrics in zip(group, measured, strict=True):
+            results[i] = {"adapter": names[i], "task": task, **metrics}
+    return results
+
+
+@torch.no_grad()
+def evaluate_stacked(
+    model, multi, examples: Sequence[Example], task: str, *, batch_size: int, pad_id: int, device,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict[str, float]]:  # fmt: skip
+    """evaluate_examples for every adapter of `multi` at once: about batch_size rows per forward,
+    each example repeated per adapter (adapter-major); the metrics of each adapter as if alone."""
+    n = len(multi.names)
+    per_chunk = max(1, batch_size // n)
+    totals, counts = [0.0] * n, [0] * n
+    predictions: list[list] = [[] for _ in range(n)]
+    targets: list[list] = [[] for _ in range(n)]
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in by_length(examples, per_chunk):
+            batch = collate(chunk, pad_id, task)
+            inputs = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in model_inputs(batch, device).items()}
+            with multi.select(torch.arange(n).repeat_interleave(len(chunk))):
+                logits = model(**inputs).logits
+            labels = batch["labels"].to(logits.device)
+            for a, part in enumerate(logits.split(len(chunk))):
+                summed, count = loss_sum(part, labels, task)
+                totals[a], counts[a] = totals[a] + float(summed), counts[a] + count
+                if task == "seq-cls":
+                    predictions[a] += part.argmax(-1).tolist()
+                    targets[a] += labels.tolist()
+                elif task == "regression":
+                    predictions[a] += part.float().view(-1).tolist()
+                    targets[a] += labels.tolist()
+            if on_batch:
+                on_batch(len(chunk) * n)
+    finally:
+        model.train(was_training)
+    return [_metrics(task, totals[a], counts[a], predictions[a], targets[a], len(examples)) for a in range(n)]
+
+
+def _stacked_measure(request: EvalRequest, rows, tokenizer, task: str):
+    """Generation with every adapter: each prompt once per adapter, rows mixed in each batch."""
+    from . import data as datamod
+    from .generate import generate_batched
+
+    prompts = [datamod.prompt_text(row, tokenizer) for row in rows]
+    references = [datamod.reference_answer(row) for row in rows]
+
+    def run(model, multi, device, on_batch) -> list[dict]:
+        n = len(multi.names)
+        predicted = [[""] * len(prompts) for _ in range(n)]
+        outputs = generate_batched(
+            model, tokenizer, prompts * n, [a for a in range(n) for _ in prompts], multi,
+            max_new_tokens=request.max_new_tokens, batch_size=request.batch_size, device=device,
+        )  # fmt: skip
+        for position, text in outputs:
+            predicted[position // len(prompts)][position % len(prompts)] = text
+            if on_batch:
+                on_batch(1)
+        return [
+            {
+                "exact_match": exact_match(p, references, request.answer_regex),
+                "examples": len(rows),
+                "samples": [
+                    {"prompt": q, "output": o, "reference": r}
+                    for q, o, r in zip(prompts[:3], p[:3], references[:3], strict=True)
+                ],
+            }
+            for p in predicted
+        ]
+
+    return run

@@ -5,7 +5,17 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import cache_cmd, eval_cmd, init_cmd, inspect_cmd, train_cmd
+from . import (
+    cache_cmd,
+    convert_cmd,
+    eval_cmd,
+    generate_cmd,
+    init_cmd,
+    inspect_cmd,
+    merge_cmd,
+    pack_cmd,
+    train_cmd,
+)
 from .output import Output
 
 app = typer.Typer(
@@ -47,6 +57,11 @@ app.command("init")(init_cmd.init)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.evaluate)
+app.command("merge")(merge_cmd.merge)
+app.command("convert")(convert_cmd.convert)
+app.command("generate")(generate_cmd.generate)
+app.command("pack")(pack_cmd.pack)
+app.command("unpack")(pack_cmd.unpack)
 app.add_typer(cache_cmd.app, name="cache")
 
 

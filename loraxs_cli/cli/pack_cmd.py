@@ -1,0 +1,58 @@
+"""`loraxs pack ADAPTER... --out PACK` and `loraxs unpack PACK --out DIR`: many adapters in one file."""
+
+from __future__ import annotations
+
+import typer
+
+from .output import get_output, handle_errors
+
+
+@handle_errors
+def pack(
+    ctx: typer.Context,
+    adapters: list[str] = typer.Argument(
+        ..., help="Adapter directories (named by directory name), NAME=DIR, or PACK::NAME members."
+    ),
+    out_file: str = typer.Option(..., "--out", "-o", help="The pack file to write (.safetensors)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing pack."),
+    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """Put adapters (R matrices, heads, configs) into one safetensors file with an index."""
+    out = get_output(ctx, json_flag)
+    from ..errors import UsageError
+    from ..generate import parse_adapter_specs
+    from ..pack import pack_adapters
+
+    if not out_file.endswith(".safetensors"):
+        raise UsageError(f"--out {out_file}: a pack file name must end in .safetensors")
+    summary = pack_adapters(parse_adapter_specs(adapters), out_file, overwrite=force)
+    done = f"packed {summary['adapters']} adapters into {summary['pack']} ({summary['bytes']:,} bytes)"
+    out.result(summary, lambda: out.out.print(done))
+
+
+@handle_errors
+def unpack(
+    ctx: typer.Context,
+    pack_file: str = typer.Argument(..., help="A pack made by `loraxs pack`."),
+    out_dir: str = typer.Option(
+        ..., "--out", "-o", help="Directory to write OUT/NAME adapter directories in."
+    ),
+    names: list[str] = typer.Option([], "--name", "-n", help="Only this member (repeat); default: all."),
+    list_only: bool = typer.Option(False, "--list", help="List the members and exit."),
+    force: bool = typer.Option(False, "--force", help="Replace existing adapter directories."),
+    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """Write pack members back as adapter directories (their sha256 is checked first)."""
+    out = get_output(ctx, json_flag)
+    from ..pack import pack_names
+    from ..pack import unpack as unpack_members
+
+    if list_only:
+        members = pack_names(pack_file)
+        out.result({"pack": pack_file, "adapters": members}, lambda: out.out.print("\n".join(members)))
+        return
+    written = unpack_members(pack_file, out_dir, names, overwrite=force)
+    out.result(
+        {"pack": pack_file, "written": written},
+        lambda: out.out.print(f"unpacked {len(written)} adapters into {out_dir}"),
+    )

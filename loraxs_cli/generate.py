@@ -1,0 +1,208 @@
+"""Batched generation where each prompt names its adapter (or none), on one base model.
+
+Adapters are stacked per factor set (multi.py) and every batch runs once through the model with
+a per-row adapter index; the KV cache comes from `model.generate`. Prompts are JSONL rows
+`{"adapter": NAME or null, "prompt": TEXT}` (or `"messages"`, rendered with the chat template).
+Results are streamed, one JSON line per prompt as its batch finishes, with the row number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import BadInputError, UsageError
+
+
+@dataclass
+class GenerateRequest:
+    model: str
+    prompts: str
+    adapters: list[str] = field(default_factory=list)  # DIR, NAME=DIR, PACK.safetensors, PACK::NAME
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "auto"
+
+
+def parse_adapter_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, source) for each spec. NAME=SOURCE names it; a directory is named by its last
+    component, a pack member by its member name; a pack file alone stands for all its members."""
+    from .pack import MEMBER_SEPARATOR, is_pack_file, pack_names
+
+    named: list[tuple[str, str]] = []
+    for spec in specs:
+        name, eq, source = spec.partition("=")
+        if not eq:
+            name, source = "", spec
+        if not eq and is_pack_file(source):
+            named += [(member, f"{source}{MEMBER_SEPARATOR}{member}") for member in pack_names(source)]
+            continue
+        if not name:
+            name = source.rpartition(MEMBER_SEPARATOR)[2] if MEMBER_SEPARATOR in source else Path(source).name
+        named.append((name, source))
+    seen: set[str] = set()
+    for name, source in named:
+        if not name:
+            raise UsageError(f"adapter {source!r} has no name: use NAME={source}")
+        if name in seen:
+            raise UsageError(f"two adapters are named {name!r}: name them apart with NAME=DIR")
+        seen.add(name)
+    return named
+
+
+def read_prompts(path: str, tokenizer, names: Sequence[str]) -> list[tuple[int | None, str]]:
+    """(adapter index or None, prompt text) per row; an unknown adapter name is an error at its line."""
+    from .data import prompt_text, read_rows
+
+    position = {name: i for i, name in enumerate(names)}
+    prompts = []
+    for row in read_rows(path):
+        wanted = row.fields.get("adapter")
+        if wanted is not None and not isinstance(wanted, str):
+            raise BadInputError(f"{row.where}: 'adapter' must be a name or null")
+        if wanted is not None and wanted not in position:
+            known = ", ".join(list(position)[:5]) or "none given"
+            raise BadInputError(
+                f"{row.where}: adapter {wanted!r} was not loaded (loaded: {known}); add it with --adapters"
+            )
+        prompts.append((None if wanted is None else position[wanted], prompt_text(row, tokenizer)))
+    return prompts
+
+
+@torch.no_grad()
+def generate_batched(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    index: Sequence[int],
+    multi,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[int, str]]:
+    """Yield (position in `prompts`, new text) batch by batch; prompt i uses adapter index[i]
+    (-1 none) of `multi` (a MultiAdapters, or None for the bare base). Left padding, KV cache."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": False}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    was_training = model.training
+    model.eval()
+    try:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
+            selected = multi.select([index[i] for i in rows]) if multi is not None else _nothing()
+            with selected:
+                generated = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling
+                )
+            texts = tokenizer.batch_decode(
+                generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            yield from zip(rows, texts, strict=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def load_named(specs: Sequence[str], base) -> tuple[list[str], list]:
+    """Load NAME=SOURCE adapters and check each against the base (exit 4 on another base)."""
+    from .adapter import check_base, load_adapter
+    from .pack import MEMBER_SEPARATOR, load_members, split_member
+
+    named = parse_adapter_specs(specs)
+    members: dict[str, list[str]] = {}  # pack -> member names: each pack is opened once
+    for _, source in named:
+        member = split_member(source)
+        if member is not None:
+            members.setdefault(member[0], []).append(member[1])
+    loaded = {
+        f"{pack}{MEMBER_SEPARATOR}{name}": adapter
+        for pack, names in members.items()
+        for name, adapter in zip(names, load_members(pack, names), strict=True)
+    }
+    adapters = [loaded.get(source) or load_adapter(source) for _, source in named]
+    for adapter in adapters:
+        check_base(adapter, base.fingerprint, base.resolved.spec)
+    return [name for name, _ in named], adapters
+
+
+def run_generate(
+    request: GenerateRequest,
+    emit: Callable[[dict], None],
+    on_start: Callable[[int], None] | None = None,
+) -> int:
+    """Generate for every prompt row, calling emit({"row", "adapter", "prompt", "output"}) as
+    batches finish. Adapters of different factor sets run as separate groups. Returns the row count."""
+    from .initialize import describe_base
+    from .models import load_model, load_tokenizer
+    from .multi import group_by_factors, load_multi
+
+    if request.temperature < 0 or not 0 < request.top_p <= 1:
+        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
+    base = describe_base(request.model, dtype=request.dtype)
+    names, adapters = load_named(request.adapters, base)
+    tokenizer = load_tokenizer(base.resolved)
+    prompts = read_prompts(request.prompts, tokenizer, names)
+    if on_start:
+        on_start(len(prompts))
+    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(base.resolved, head="causal-lm", dtype=request.dtype).to(device)
+    torch.manual_seed(request.seed)
+    groups = group_by_factors(adapters) or [[]]
+    for number, group in enumerate(groups):
+        # Rows without an adapter ride along with the first group.
+        rows = [i for i, (a, _) in enumerate(prompts) if (a in group) or (a is None and number == 0)]
+        if not rows:
+            continue
+        multi = load_multi(model, [adapters[i] for i in group], [names[i] for i in group]) if group else None
+        local = {a: k for k, a in enumerate(group)}
+        try:
+            outputs = generate_batched(
+                model,
+                tokenizer,
+                [prompts[i][1] for i in rows],
+                [-1 if prompts[i][0] is None else local[prompts[i][0]] for i in rows],
+                multi,
+                max_new_tokens=request.max_new_tokens,
+                batch_size=request.batch_size,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                device=device,
+            )
+            for position, text in outputs:
+                row = rows[position]
+                adapter = prompts[row][0]
+                emit(
+                    {
+                        "row": row,
+                        "adapter": None if adapter is None else names[adapter],
+                        "prompt": prompts[row][1],
+                        "output": text,
+                    }
+                )
+        finally:
+            if multi is not None:
+                multi.remove()
+    return len(prompts)

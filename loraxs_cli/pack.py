@@ -1,0 +1,207 @@
+"""Adapter packs: thousands of adapters in one safetensors file.
+
+    PACK.safetensors
+        "<name>/<module>.R"            each adapter's R (float32), as in its adapter.safetensors
+        "<name>/head.<param>"          its task head, if any
+        "__factors__/<hash>/<module>.<A|B|S>"   embedded factors, stored once per distinct set
+        metadata "loraxs_pack": JSON index {format_version, adapters: {name: {config, sha256, factors}}}
+
+A member is named `PACK.safetensors::NAME` and is accepted wherever an adapter directory is
+(`load_adapter` reads it). Each member's sha256 (over its tensors' names, dtypes, shapes and bytes)
+is checked when it is read, so a damaged pack is refused rather than half-used. Reading a member
+touches only its own tensors (safetensors reads lazily).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import BadInputError, UsageError
+
+MEMBER_SEPARATOR = "::"
+INDEX_KEY = "loraxs_pack"
+FACTORS_PREFIX = "__factors__/"
+PACK_VERSION = 1
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_name(name: str) -> str:
+    if not name or "/" in name or MEMBER_SEPARATOR in name or name.startswith("__") or "=" in name:
+        raise UsageError(f"{name!r} cannot name a pack member: no '/', '::', '=' or leading '__'")
+    return name
+
+
+def split_member(spec: str | Path) -> tuple[str, str] | None:
+    """(pack path, member name) for `PACK::NAME`, else None."""
+    text = str(spec)
+    if MEMBER_SEPARATOR not in text:
+        return None
+    pack, _, name = text.rpartition(MEMBER_SEPARATOR)
+    return pack, name
+
+
+def read_index(path: str | Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise BadInputError(f"{path}: not a readable safetensors file ({error})".splitlines()[0]) from error
+    if INDEX_KEY not in metadata:
+        raise BadInputError(f"{path}: not a loraxs adapter pack (no index); make one with `loraxs pack`")
+    try:
+        index = json.loads(metadata[INDEX_KEY])
+    except ValueError as error:
+        raise BadInputError(f"{path}: damaged pack index ({error})") from error
+    if not isinstance(index, dict) or index.get("format_version", 0) > PACK_VERSION:
+        raise BadInputError(
+            f"{path}: unsupported pack format {index.get('format_version')!r}; upgrade loraxs"
+        )
+    return index
+
+
+def is_pack_file(path: str | Path) -> bool:
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    try:
+        read_index(path)
+    except BadInputError:
+        return False
+    return True
+
+
+def pack_names(path: str | Path) -> list[str]:
+    return list(read_index(path)["adapters"])
+
+
+def pack_adapters(named: Sequence[tuple[str, str]], out: str | Path, *, overwrite: bool = False) -> dict:
+    """Write the adapters (name, directory or pack member) into one pack file, atomically."""
+    from safetensors.torch import save_file
+
+    from .adapter import load_adapter
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BadInputError(f"{out} exists; pass --force to replace it")
+    if not named:
+        raise UsageError("no adapters to pack")
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    for name, source in named:
+        check_name(name)
+        if name in entries:
+            raise UsageError(f"two adapters are named {name!r}: name them apart with NAME=DIR")
+        adapter = load_adapter(source)
+        own = {f"{m}.R": adapter.R[m].float().contiguous() for m in adapter.config.modules}
+        own.update({f"head.{k}": v.contiguous() for k, v in adapter.head.items()})
+        factors_key = _add_factors(tensors, adapter.factors)
+        tensors.update({f"{name}/{k}": v for k, v in own.items()})
+        config = json.loads(adapter.config.to_json())
+        entries[name] = {"config": config, "sha256": tensors_sha256(own), "factors": factors_key}
+    index = {"format_version": PACK_VERSION, "adapters": entries}
+    metadata = {"format": "loraxs-pack", INDEX_KEY: json.dumps(index, separators=(",", ":"))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"pack": str(out), "adapters": len(entries), "bytes": out.stat().st_size}
+
+
+def _add_factors(tensors: dict, factors: dict | None) -> str | None:
+    """Embedded factors go in once per distinct set; return their key."""
+    if factors is None:
+        return None
+    flat = {f"{m}.{k}": v.float().contiguous() for m, parts in factors.items() for k, v in parts.items()}
+    key = tensors_sha256(flat)[:16]
+    tensors.update({f"{FACTORS_PREFIX}{key}/{k}": v for k, v in flat.items()})
+    return key
+
+
+def load_member(pack: str | Path, name: str):
+    """One adapter of a pack as an Adapter (path `PACK::NAME`), its sha256 verified."""
+    return load_members(pack, [name])[0]
+
+
+def load_members(pack: str | Path, names: Sequence[str]) -> list:
+    """Several members, opening the pack once (thousands of adapters load in seconds)."""
+    from safetensors import SafetensorError, safe_open
+
+    pack = Path(pack)
+    if not pack.is_file():
+        raise BadInputError(f"{pack}: no such adapter pack")
+    index = read_index(pack)
+    for name in names:
+        if name not in index["adapters"]:
+            known = ", ".join(list(index["adapters"])[:5])
+            raise BadInputError(f"{pack}: no adapter named {name!r} in this pack (it holds {known}, ...)")
+    try:
+        with safe_open(str(pack), framework="pt") as handle:
+            factor_sets: dict[str, dict] = {}
+            return [_read_member(handle, pack, name, index["adapters"][name], factor_sets) for name in names]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise BadInputError(f"{pack}: damaged pack ({error})".splitlines()[0]) from error
+
+
+def _read_member(handle, pack: Path, name: str, entry: dict, factor_sets: dict):
+    from .adapter import Adapter, AdapterConfig, _group_factors
+
+    source = f"{pack}{MEMBER_SEPARATOR}{name}"
+    config = AdapterConfig.from_dict(entry["config"], source)
+    keys = [f"{m}.R" for m in config.modules] + [f"head.{h}" for h in config.head]
+    own = {k: handle.get_tensor(f"{name}/{k}") for k in keys}
+    if tensors_sha256(own) != entry.get("sha256"):
+        raise BadInputError(f"{source}: sha256 mismatch, the pack is damaged; pack the adapter again")
+    bad = [m for m in config.modules if tuple(own[f"{m}.R"].shape) != (config.rank, config.rank)]
+    if bad:
+        raise BadInputError(f"{source}: lacks a {config.rank}x{config.rank} R for {bad[0]}")
+    factors = None
+    key = entry.get("factors")
+    if key:
+        if key not in factor_sets:
+            prefix = f"{FACTORS_PREFIX}{key}/"
+            flat = {k[len(prefix) :]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}  # noqa: SIM118
+            factor_sets[key] = _group_factors(flat)
+        factors = factor_sets[key]
+    R = {m: own[f"{m}.R"].float() for m in config.modules}
+    head = {k[len("head.") :]: v for k, v in own.items() if k.startswith("head.")}
+    return Adapter(Path(source), config, R, head, factors)
+
+
+def unpack(pack: str | Path, out_dir: str | Path, names: Sequence[str] = (), *, overwrite: bool = False):
+    """Write members (all by default) back as adapter directories OUT_DIR/NAME."""
+    from .adapter import save_adapter
+
+    available = pack_names(pack)
+    wanted = list(names) or available
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        raise BadInputError(f"{pack}: no adapter named {unknown[0]!r} in this pack")
+    out_dir = Path(out_dir)
+    written = []
+    for adapter, name in zip(load_members(pack, wanted), wanted, strict=True):
+        target = out_dir / name
+        if target.exists() and not overwrite:
+            raise BadInputError(f"{target} exists; pass --force to replace it")
+        save_adapter(target, adapter.config, adapter.R, head=adapter.head, factors=adapter.factors)
+        written.append(str(target))
+    return written
