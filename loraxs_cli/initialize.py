@@ -27,6 +27,7 @@ from .models import (
     resolve_model,
     skeleton,
 )
+from .sb import DEFAULT_ETA
 
 METHODS = ("xs", "sb")
 
@@ -212,7 +213,7 @@ class SBInit:
     data: str
     task: str
     samples: int = 64
-    eta: float = 1e-3
+    eta: float = DEFAULT_ETA
     batch_size: int = 8
     max_length: int = 512
     seed: int = 0

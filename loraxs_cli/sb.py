@@ -25,7 +25,9 @@ from torch import nn
 from .factors import SVDSettings, truncated_svd
 from .models import is_conv1d, weight_matrix
 
-DEFAULT_ETA = 1e-3  # the LoRA-SB code's default for the approximated step (LLM instruction tuning)
+# eta of the approximated step. Measured on SmolLM2-135M (BBC text, rank 16, 32 samples): held-out loss
+# before any training 3.76 for the base, 3.66 at 1e-4, 3.62 at 3e-4, 4.41 at 1e-3 (the step overshoots).
+DEFAULT_ETA = 3e-4
 DEFAULT_EPS = 1e-8  # AdamW's default eps
 
 

@@ -36,6 +36,7 @@ from . import data as datamod
 from .errors import BadInputError, DivergedError, UsageError
 from .evaluate import default_metric, evaluate_examples, is_better, loss_sum, model_inputs
 from .factors import SVDSettings
+from .sb import DEFAULT_ETA
 
 if TYPE_CHECKING:
     from .initialize import SBInit
@@ -328,7 +329,7 @@ def sb_init(config: TrainConfig) -> SBInit:
         data=config.data,
         task=config.task,
         samples=sb.get("samples", 64),
-        eta=sb.get("eta", 1e-3),
+        eta=sb.get("eta", DEFAULT_ETA),
         batch_size=sb.get("batch_size") or 8,
         max_length=config.max_length,
         seed=config.seed,

@@ -39,7 +39,7 @@ def init(
     ),
     task: str = typer.Option("causal-lm", "--task", help="LoRA-SB: causal-lm, seq-cls or regression."),
     samples: int = typer.Option(64, "--samples", help="LoRA-SB: examples in the gradient sample."),
-    sb_lr: float = typer.Option(1e-3, "--sb-lr", help="LoRA-SB: eta of the approximated first AdamW step."),
+    sb_lr: float = typer.Option(3e-4, "--sb-lr", help="LoRA-SB: eta of the approximated first AdamW step."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="LoRA-SB: batch size of the gradient pass."),
     max_length: int = typer.Option(512, "--max-length", help="LoRA-SB: tokens per example."),
     max_grad_memory: str = typer.Option(

@@ -72,7 +72,7 @@ def train(
     sb_samples: int = typer.Option(
         64, "--sb-samples", help="LoRA-SB: examples whose mean gradient sets the factors."
     ),
-    sb_lr: float = typer.Option(1e-3, "--sb-lr", help="LoRA-SB: eta of the approximated first AdamW step."),
+    sb_lr: float = typer.Option(3e-4, "--sb-lr", help="LoRA-SB: eta of the approximated first AdamW step."),
     sb_batch_size: int = typer.Option(8, "--sb-batch-size", help="LoRA-SB: batch size of the gradient pass."),
     max_grad_memory: str = typer.Option(
         "2GiB", "--max-grad-memory", help="LoRA-SB: budget for float32 gradient accumulators (e.g. 512MiB)."
