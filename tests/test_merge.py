@@ -168,12 +168,35 @@ print(json.dumps({"before": before, "peak": high_water_mark(), "checkpoint": pla
 """
 
 
+@pytest.fixture(scope="module")
+def large_sharded_llama(tmp_path_factory) -> Path:
+    """A ~120 MB Llama in ~10 MB shards: large enough that the allocator's fixed ~10 MiB of noise
+    does not decide whether the merge's peak looks like one shard or like the whole model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=8192,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=2,
+    )
+    directory = tmp_path_factory.mktemp("large-sharded-llama")
+    LlamaForCausalLM(config).save_pretrained(directory, max_shard_size="10MB")
+    return directory
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak")
-def test_merge_peak_memory_is_about_one_shard(sharded_llama, tmp_path, loraxs_home):
-    """Run in a fresh process: the peak RSS added by the merge stays well below the checkpoint size."""
-    adapter = make_adapter(sharded_llama, tmp_path / "adapter", rank=8)
+def test_merge_peak_memory_is_about_one_shard(large_sharded_llama, tmp_path, loraxs_home):
+    """Run in a fresh process: the peak RSS added by the merge is a few shards, not the checkpoint."""
+    adapter = make_adapter(large_sharded_llama, tmp_path / "adapter", rank=8)
     result = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT, str(sharded_llama), str(adapter), str(tmp_path / "merged")],
+        [sys.executable, "-c", PEAK_SCRIPT, str(large_sharded_llama), str(adapter), str(tmp_path / "merged")],
         capture_output=True,
         text=True,
         check=True,
@@ -185,7 +208,8 @@ def test_merge_peak_memory_is_about_one_shard(sharded_llama, tmp_path, loraxs_ho
         f"checkpoint {figures['checkpoint'] / 2**20:.1f} MiB in {figures['shards']} shards "
         f"(largest {figures['shard'] / 2**20:.1f} MiB)"
     )
-    assert added < 0.5 * figures["checkpoint"]
+    assert figures["shards"] >= 8
+    assert added < 0.35 * figures["checkpoint"]
 
 
 def test_merge_dry_run_writes_nothing(tiny_llama_dir, tmp_path):
