@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
-from bbc_data import BBC_LABELS, bbc_examples, bbc_root, bbc_split  # scripts/, on the test path
 from filelock import FileLock
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))  # for benchmarks importing this file
+from bbc_data import BBC_LABELS, bbc_examples, bbc_root, bbc_split
 
 __all__ = ["BBC_LABELS", "bbc_examples", "bbc_root", "bbc_split", "make_adapter", "minilm_dir", "smollm2_dir"]
 
