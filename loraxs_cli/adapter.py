@@ -45,6 +45,9 @@ class AdapterConfig:
     labels: list[str] | None = None
     head: list[str] = field(default_factory=list)  # names of trained head parameters
     extra: dict = field(default_factory=dict)  # training data, metrics, ...
+    # weights file name -> sha256 of its tensors (names, dtypes, shapes, bytes), checked on load; it
+    # survives re-serialisation (pack/unpack), unlike a hash of the file's bytes
+    tensors_sha256: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     loraxs_version: str = __version__
     created: str = ""
@@ -70,8 +73,12 @@ class AdapterConfig:
             raise BadInputError(f"{source}: malformed adapter config ({error})") from error
         if not isinstance(config.rank, int) or config.rank <= 0 or not isinstance(config.modules, list):
             raise BadInputError(f"{source}: malformed adapter config (rank or modules)")
+        if not all(isinstance(m, str) for m in config.modules):
+            raise BadInputError(f"{source}: malformed adapter config (module names must be strings)")
         if not isinstance(config.base, dict) or not isinstance(config.factors, dict):
             raise BadInputError(f"{source}: malformed adapter config (base or factors)")
+        if not isinstance(config.tensors_sha256, dict):
+            raise BadInputError(f"{source}: malformed adapter config (tensors_sha256)")
         return config
 
 
@@ -155,18 +162,17 @@ def save_adapter(
         raise ValueError(f"no R for {missing[:3]}")
     tensors = {f"{name}.R": R[name].detach().float().cpu().contiguous() for name in config.modules}
     tensors.update({HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in (head or {}).items()})
+    flat = _flat_factors(factors)
+    config.tensors_sha256 = {WEIGHTS_FILE: tensors_sha256(tensors)}
+    if flat is not None:
+        config.tensors_sha256[EMBEDDED_FACTORS_FILE] = tensors_sha256(flat)
     metadata = {"format": "loraxs", "method": config.method, "rank": str(config.rank)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
-        if factors is not None:
-            flat = {
-                f"{m}.{k}": v.detach().float().cpu().contiguous()
-                for m, parts in factors.items()
-                for k, v in parts.items()
-            }
+        if flat is not None:
             save_file(flat, str(tmp / EMBEDDED_FACTORS_FILE), metadata={"format": "loraxs-factors"})
         (tmp / CONFIG_FILE).write_text(config.to_json())
         (tmp / CARD_FILE).write_text(card or default_card(config))
@@ -218,9 +224,15 @@ def load_adapter(path: str | Path) -> Adapter:
     try:
         tensors = load_file(str(root / WEIGHTS_FILE))
         factors_file = root / EMBEDDED_FACTORS_FILE
-        embedded = _group_factors(load_file(str(factors_file))) if factors_file.is_file() else None
+        flat_factors = load_file(str(factors_file)) if factors_file.is_file() else None
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise BadInputError(f"{root}: damaged adapter weights ({error})".splitlines()[0]) from error
+    _check_tensors(root, config, WEIGHTS_FILE, tensors)
+    if flat_factors is not None:
+        _check_tensors(root, config, EMBEDDED_FACTORS_FILE, flat_factors)
+    elif EMBEDDED_FACTORS_FILE in config.tensors_sha256:
+        raise BadInputError(f"{root}: {EMBEDDED_FACTORS_FILE} is missing; restore or retrain the adapter")
+    embedded = _group_factors(flat_factors) if flat_factors is not None else None
     R = {name: tensors.get(f"{name}.R") for name in config.modules}
     bad = [name for name, r in R.items() if r is None or tuple(r.shape) != (config.rank, config.rank)]
     if bad:
@@ -229,6 +241,35 @@ def load_adapter(path: str | Path) -> Adapter:
     if embedded is not None and set(config.modules) - set(embedded):
         raise BadInputError(f"{root}: {EMBEDDED_FACTORS_FILE} does not cover every target module")
     return Adapter(root, config, {k: v.float() for k, v in R.items()}, head, embedded)
+
+
+def _flat_factors(factors: dict[str, dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
+    if factors is None:
+        return None
+    return {
+        f"{m}.{k}": v.detach().float().cpu().contiguous()
+        for m, parts in factors.items()
+        for k, v in parts.items()
+    }
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    from .pack import tensors_sha256 as digest
+
+    return digest(tensors)
+
+
+def _check_tensors(root: Path, config: AdapterConfig, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """An altered weights file fails the sha256 its config recorded (older adapters record none)."""
+    expected = config.tensors_sha256.get(name)
+    if expected is None:
+        return
+    actual = tensors_sha256(tensors)
+    if actual != expected:
+        raise BadInputError(
+            f"{root}: damaged adapter weights ({name} sha256 {actual[:12]} != recorded "
+            f"{str(expected)[:12]}: altered or corrupted); restore or retrain the adapter"
+        )
 
 
 def _group_factors(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -153,11 +153,25 @@ class FactorEntry:
 
 
 def _read_meta(path: Path) -> dict | None:
+    """The entry's meta.json, or None when it is unreadable or malformed (then it is not an entry)."""
     try:
         meta = json.loads((path / META_FILE).read_text())
-        return meta if isinstance(meta, dict) and "r_max" in meta else None
     except (OSError, ValueError):
         return None
+    return meta if _well_formed(meta) else None
+
+
+def _well_formed(meta) -> bool:
+    if not isinstance(meta, dict):
+        return False
+    modules = meta.get("modules")
+    return (
+        type(meta.get("r_max")) is int
+        and meta["r_max"] > 0
+        and isinstance(meta.get("sha256"), str)
+        and isinstance(modules, list)
+        and all(isinstance(m, str) for m in modules)
+    )
 
 
 class FactorCache:

@@ -249,8 +249,12 @@ def load_model(
         load_kwargs["dtype"] = torch_dtype
     elif not resolved.gguf_file:
         load_kwargs["dtype"] = "auto"
+    from safetensors import SafetensorError
+
     try:
         model = classes[head].from_pretrained(str(resolved.path), **load_kwargs)
+    except SafetensorError as error:  # a truncated or damaged weights file
+        raise BadInputError(f"{resolved.spec}: damaged weights file ({error})".splitlines()[0]) from error
     except ImportError as error:
         raise BadInputError(f"{resolved.spec}: {error}".splitlines()[0]) from error
     except (OSError, ValueError, KeyError) as error:

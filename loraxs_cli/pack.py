@@ -69,11 +69,23 @@ def read_index(path: str | Path) -> dict:
         index = json.loads(metadata[INDEX_KEY])
     except ValueError as error:
         raise BadInputError(f"{path}: damaged pack index ({error})") from error
-    if not isinstance(index, dict) or index.get("format_version", 0) > PACK_VERSION:
-        raise BadInputError(
-            f"{path}: unsupported pack format {index.get('format_version')!r}; upgrade loraxs"
-        )
+    version = index.get("format_version") if isinstance(index, dict) else None
+    if not isinstance(version, int) or version > PACK_VERSION:
+        raise BadInputError(f"{path}: unsupported pack format {version!r}; upgrade loraxs")
+    if not _well_formed(index.get("adapters")):
+        raise BadInputError(f"{path}: damaged pack index (malformed member entries); pack the adapters again")
     return index
+
+
+def _well_formed(adapters) -> bool:
+    """Every member entry has a config object, a sha256 string and a factors key (string or null)."""
+    return isinstance(adapters, dict) and all(
+        isinstance(entry, dict)
+        and isinstance(entry.get("config"), dict)
+        and isinstance(entry.get("sha256"), str)
+        and isinstance(entry.get("factors"), str | None)
+        for entry in adapters.values()
+    )
 
 
 def is_pack_file(path: str | Path) -> bool:
@@ -180,6 +192,8 @@ def _read_member(handle, pack: Path, name: str, entry: dict, factor_sets: dict):
         if key not in factor_sets:
             prefix = f"{FACTORS_PREFIX}{key}/"
             flat = {k[len(prefix) :]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}  # noqa: SIM118
+            if tensors_sha256(flat)[: len(key)] != key:  # the key is the sha256 of the factors
+                raise BadInputError(f"{source}: sha256 mismatch of its factors, the pack is damaged")
             factor_sets[key] = _group_factors(flat)
         factors = factor_sets[key]
     R = {m: own[f"{m}.R"].float() for m in config.modules}

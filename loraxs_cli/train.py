@@ -447,10 +447,16 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     tmp = root / f".tmp-step-{step}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
-        with open(tmp / STATE_FILE, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(tmp / STATE_FILE, "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+            reason = error.strerror if isinstance(error, OSError) else "the write failed"
+            raise BadInputError(
+                f"cannot write checkpoint {final}: {reason}; free disk space or use another --out"
+            ) from None
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -460,6 +466,27 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
     for old in checkpoint_dirs(run_dir)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _remove_stale_checkpoint_writes(run_dir: Path) -> None:
+    """Temporary checkpoint directories of killed processes (.tmp-step-STEP-PID-...) are never listed as
+    checkpoints; remove those whose process is gone so they do not pile up over many kills."""
+    root = run_dir / CHECKPOINTS
+    for tmp in root.glob(".tmp-step-*") if root.is_dir() else ():
+        fields = tmp.name.split("-")
+        pid = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else None
+        if pid is not None and not _process_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -521,7 +548,17 @@ def _write_config(run_dir: Path, config: TrainConfig, extra: dict) -> None:
     import yaml
 
     document = {**asdict(config), **extra}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    _write_atomic(run_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temp sibling, then rename: a kill or a full disk never leaves a half-written file in place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _append_metrics(run_dir: Path, row: dict) -> None:
@@ -534,10 +571,18 @@ def _trim_metrics(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
+    _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics row; a blank or torn row (a run killed mid-append) counts as never logged."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return math.inf
+    step = row.get("step", 0) if isinstance(row, dict) else None
+    return step if isinstance(step, int | float) else math.inf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,8 +612,9 @@ def train(config: TrainConfig, events: TrainEvents | None = None) -> TrainResult
         _restore(model, optimizer, scheduler, state)
         step, best, resumed_from = state["step"], state.get("best"), state["step"]
         events.message(f"resuming from {path} (step {step} of {steps})")
-        if dist.main:
-            _trim_metrics(run_dir, step)
+    if dist.main:  # also with no checkpoint: a run killed before its first one logged rows already
+        _trim_metrics(run_dir, step)
+        _remove_stale_checkpoint_writes(run_dir)
     model.train()
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
 import typer
 
 from .output import get_output, handle_errors
@@ -10,6 +17,26 @@ ADAPTERS_HELP = (
     "Adapter to load (repeat): DIR (named by its directory name), NAME=DIR, PACK.safetensors (all its "
     "members, by member name) or PACK.safetensors::NAME. Prompt rows name them in their 'adapter' field."
 )
+
+
+@contextmanager
+def _replaced_on_success(path: str) -> Iterator[TextIO]:
+    """Write to a temporary sibling renamed over `path` at the end, so that a failed run (bad input,
+    full disk) leaves an earlier output file intact."""
+    from ..errors import BadInputError
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        handle = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 (closed below, before the rename)
+    except OSError as error:
+        raise BadInputError(f"cannot write {path}: {error.strerror}") from None
+    try:
+        with handle:
+            yield handle
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @handle_errors
@@ -38,7 +65,7 @@ def generate(
     import sys
     from contextlib import ExitStack
 
-    from ..errors import BadInputError, UsageError
+    from ..errors import UsageError
     from ..generate import GenerateRequest, run_generate
 
     if batch_size <= 0 or max_new_tokens <= 0:
@@ -56,10 +83,7 @@ def generate(
         dtype=dtype,
     )
     with ExitStack() as stack:
-        try:
-            sink = stack.enter_context(open(out_file, "w", encoding="utf-8")) if out_file else sys.stdout
-        except OSError as error:
-            raise BadInputError(f"cannot write {out_file}: {error.strerror}") from None
+        sink = stack.enter_context(_replaced_on_success(out_file)) if out_file else sys.stdout
         state = {}
 
         def on_start(total: int) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from ..errors import EXIT_INTERRUPTED, LoraxsError
+from ..errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, LoraxsError
 
 
 def debug_enabled() -> bool:
@@ -147,6 +147,10 @@ def handle_errors(function: Callable) -> Callable:
         except Exception as error:
             if debug_enabled():
                 raise
+            problem = _io_problem(error)
+            if problem:  # a full disk, a read-only directory, a file-size limit: not a bug
+                _print_error(problem)
+                raise typer.Exit(EXIT_BAD_INPUT) from None
             _print_error(
                 f"internal error: {type(error).__name__}: {error}".splitlines()[0]
                 + " (set LORAXS_DEBUG=1 for a traceback)"
@@ -154,6 +158,17 @@ def handle_errors(function: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _io_problem(error: Exception) -> str | None:
+    """One line for an error of the file system rather than of loraxs, else None."""
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or error}; check free space and permissions"
+    # safetensors reports a failed write as SafetensorError("... I/O error: ... (os error N) ...")
+    if type(error).__name__ == "SafetensorError" and "os error" in str(error):
+        return f"{str(error).splitlines()[0]}; check free space and permissions"
+    return None
 
 
 def _print_error(message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from ..errors import UsageError
 from .output import get_output, handle_errors
 
 
@@ -34,8 +35,8 @@ def pack(
 def unpack(
     ctx: typer.Context,
     pack_file: str = typer.Argument(..., help="A pack made by `loraxs pack`."),
-    out_dir: str = typer.Option(
-        ..., "--out", "-o", help="Directory to write OUT/NAME adapter directories in."
+    out_dir: str | None = typer.Option(
+        None, "--out", "-o", help="Directory to write OUT/NAME adapter directories in (not with --list)."
     ),
     names: list[str] = typer.Option([], "--name", "-n", help="Only this member (repeat); default: all."),
     list_only: bool = typer.Option(False, "--list", help="List the members and exit."),
@@ -51,6 +52,8 @@ def unpack(
         members = pack_names(pack_file)
         out.result({"pack": pack_file, "adapters": members}, lambda: out.out.print("\n".join(members)))
         return
+    if out_dir is None:
+        raise UsageError("unpack needs --out DIR (or --list to only list the members)")
     written = unpack_members(pack_file, out_dir, names, overwrite=force)
     out.result(
         {"pack": pack_file, "written": written},
