@@ -1,0 +1,103 @@
+"""LoRA-XS learns on real weights, through the CLI: MiniLM classifies BBC topics, SmolLM2 models BBC
+text, and SmolLM2-Instruct answers arithmetic word problems better than before training."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loraxs_cli.cli.app import app
+from models_for_tests import bbc_split
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def loraxs_json(*args) -> dict:
+    result = CliRunner().invoke(app, [*map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def train_then_eval(model: Path, train: str, test: str, out: Path, *train_args, eval_args=()) -> tuple:
+    """(base scores, trained scores, train result) on the held-out file."""
+    base = loraxs_json("eval", model, "--data", test, *eval_args)
+    trained_run = loraxs_json("train", model, "--data", train, "--out", out, "--save-every", 0, *train_args)
+    after = loraxs_json("eval", model, "--adapter", out / "adapter", "--data", test, *eval_args)
+    print(f"\nbase {base['results'][0]}\ntrained {after['results'][0]}")
+    return base["results"][0], after["results"][0], trained_run
+
+
+def test_minilm_classifies_bbc_topics_with_few_parameters(minilm_path, tmp_path, loraxs_home):
+    """BBC News, 5 topics, 40 articles per topic to train on, 20 held out: >= 0.90 accuracy with fewer
+    than 20k trainable numbers (measured: 0.96 with 3,461: 6 x 4 x 64 in R, 1,925 in the head)."""
+    train_rows, test_rows = bbc_split(40, 20)
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    test = write_jsonl(tmp_path / "test.jsonl", test_rows)
+    base, after, run = train_then_eval(
+        minilm_path, train, test, tmp_path / "run",
+        "--task", "seq-cls", "--rank", 8, "--max-length", 128, "--batch-size", 16, "--max-steps", 60,
+        "--lr", 1e-2, "--head-lr", 5e-3,
+        eval_args=("--task", "seq-cls", "--max-length", 128),
+    )  # fmt: skip
+    assert run["adapter_params"] + run["head_params"] < 20_000
+    assert after["accuracy"] >= 0.90, (base, after)
+    assert after["accuracy"] > base["accuracy"] + 0.4  # an untrained head is at chance (0.2)
+    assert after["macro_f1"] >= 0.88 and after["mcc"] >= 0.85
+
+
+def test_smollm2_perplexity_on_bbc_text_falls_by_15_percent(smollm2_path, tmp_path, loraxs_home):
+    """SmolLM2-135M as a language model of BBC articles: held-out perplexity falls by >= 15%
+    (measured: 43.1 -> 35.9 in 30 steps; 40 steps leave a margin)."""
+    train_rows, test_rows = bbc_split(16, 4)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": r["text"]} for r in train_rows])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": r["text"]} for r in test_rows])
+    base, after, _ = train_then_eval(
+        smollm2_path, train, test, tmp_path / "run",
+        "--task", "causal-lm", "--rank", 16, "--max-length", 128, "--batch-size", 8, "--max-steps", 40,
+        "--lr", 5e-3, "--warmup-ratio", 0.1,
+        eval_args=("--task", "causal-lm", "--max-length", 128),
+    )  # fmt: skip
+    assert after["perplexity"] <= 0.85 * base["perplexity"], (base, after)
+
+
+ITEMS = ("apples", "books", "coins", "stamps", "marbles", "pencils", "shells", "cards")
+NAMES = ("Tom", "Anna", "Ravi", "Mia", "Lena", "Omar", "Kai", "Sara")
+
+
+def word_problem(rng: random.Random) -> dict:
+    """A one-step addition or subtraction word problem as a chat, answered with the worked equation
+    (its last number is the answer)."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 30), rng.randint(2, 20)
+    if rng.random() < 0.5:
+        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+        answer = f"{a} + {b} = {a + b}"
+    else:
+        question = f"{name} has {a + b} {item} and gives away {b}. How many {item} are left?"
+        answer = f"{a + b} - {b} = {a}"
+    chat = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": chat}
+
+
+def test_smollm2_instruct_answers_word_problems_better_after_training(smollm2_path, tmp_path, loraxs_home):
+    """Measured: exact match 0.19 for the base model (it rambles, or slips on two-digit sums) and 0.56
+    after 40 steps that teach it to answer with the worked equation."""
+    rng = random.Random(0)
+    train = write_jsonl(tmp_path / "train.jsonl", [word_problem(rng) for _ in range(320)])
+    test = write_jsonl(tmp_path / "test.jsonl", [word_problem(rng) for _ in range(48)])
+    base, after, _ = train_then_eval(
+        smollm2_path, train, test, tmp_path / "run",
+        "--task", "causal-lm", "--rank", 16, "--max-length", 96, "--batch-size", 8, "--max-steps", 40,
+        "--lr", 5e-3, "--warmup-ratio", 0.1,
+        eval_args=("--generate", "--max-new-tokens", 48, "--batch-size", 16),
+    )  # fmt: skip
+    assert after["exact_match"] >= base["exact_match"] + 0.2, (base, after)
