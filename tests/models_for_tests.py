@@ -80,7 +80,7 @@ def tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -92,9 +92,8 @@ def tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):
         pad_token_id=2,
         bos_token_id=1,
         eos_token_id=2,
-        **overrides,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))  # overrides may resize the model
 
 
 def tiny_bert(vocab_size: int = 30522, seed: int = 0, num_labels: int = 2):

@@ -109,26 +109,20 @@ def test_merge_gpt2_conv1d(tiny_gpt2_dir, tmp_path):
     assert torch.allclose(reference, merged, atol=1e-4)
 
 
+def save_sharded_llama(directory: Path, shard_size: str, **shape) -> Path:
+    """A random Llama saved in shards of `shard_size` (with an index), without tokenizer."""
+    tiny_llama(max_position_embeddings=128, **shape).save_pretrained(directory, max_shard_size=shard_size)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def sharded_llama(tmp_path_factory) -> Path:
-    """A ~30 MB Llama saved in ~4 MB shards (with an index), without tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=320,
-        intermediate_size=896,
-        num_hidden_layers=6,
-        num_attention_heads=8,
+    """A ~30 MB Llama in ~4 MB shards."""
+    return save_sharded_llama(
+        tmp_path_factory.mktemp("sharded-llama"), "4MB",
+        vocab_size=2048, hidden_size=320, intermediate_size=896, num_hidden_layers=6, num_attention_heads=8,
         num_key_value_heads=4,
-        vocab_size=2048,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=2,
-    )
-    directory = tmp_path_factory.mktemp("sharded-llama")
-    LlamaForCausalLM(config).save_pretrained(directory, max_shard_size="4MB")
-    return directory
+    )  # fmt: skip
 
 
 def test_merge_multi_shard_keeps_layout_and_adds_head(sharded_llama, tmp_path):
@@ -172,23 +166,11 @@ print(json.dumps({"before": before, "peak": high_water_mark(), "checkpoint": pla
 def large_sharded_llama(tmp_path_factory) -> Path:
     """A ~120 MB Llama in ~10 MB shards: large enough that the allocator's fixed ~10 MiB of noise
     does not decide whether the merge's peak looks like one shard or like the whole model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
+    return save_sharded_llama(
+        tmp_path_factory.mktemp("large-sharded-llama"), "10MB",
+        vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=4,
-        vocab_size=8192,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=2,
-    )
-    directory = tmp_path_factory.mktemp("large-sharded-llama")
-    LlamaForCausalLM(config).save_pretrained(directory, max_shard_size="10MB")
-    return directory
+    )  # fmt: skip
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak")
