@@ -118,7 +118,7 @@ def run_loraxs(args, data: str, held: str, out: Path, *, rank: int, lr: float, i
     config = TrainConfig(
         model=str(args.model), data=data, eval_data=held, out=str(out), task=TASK, method="xs", rank=rank,
         targets=",".join(TARGETS), max_length=args.max_length, batch_size=args.batch, max_steps=args.steps,
-        lr=lr, head_lr=args.head_lr, save_every=0, log_every=args.steps, seed=args.seed,
+        lr=lr, head_lr=args.head_lr, warmup_ratio=0.0, save_every=0, log_every=args.steps, seed=args.seed,
     )  # fmt: skip
     started = time.perf_counter()
     with random_factors(args.seed) if init == "random" else contextlib.nullcontext():

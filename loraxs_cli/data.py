@@ -4,9 +4,10 @@ Formats: JSONL (one object per line), CSV (header row), Parquet (needs pyarrow),
 text for language modelling). Fields per task:
 
     causal-lm   {"prompt", "response"}   loss on the response only
-                {"messages": [...]}      chat template; loss on the last assistant turn
+                {"messages": [...]}      chat template; loss on every assistant turn (or the last:
+                                         chat_loss="last"), each with its end-of-turn token
                 {"text"}                 loss on every token (long texts are cut into blocks)
-    seq-cls     {"text", "label"} or {"text_a", "text_b", "label"}; label a string or an int
+    seq-cls     {"text", "label"} or {"text_a", "text_b", "label"}; label a string or an int (1.0 is 1)
     regression  the same with a float label
 
 Every problem with a row is a BadInputError that names the file and the line.
@@ -18,6 +19,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,10 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError, UsageError
+from .fsutil import require_regular_file
 
 TASKS = ("causal-lm", "seq-cls", "regression")
+CHAT_LOSS = ("all", "last")  # which assistant turns of a chat carry the loss
 IGNORE_INDEX = -100
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a single row larger than this is not data, it is an accident
 
@@ -43,9 +47,15 @@ def check_task(task: str) -> str:
     return task
 
 
+def check_chat_loss(chat_loss: str) -> str:
+    if chat_loss not in CHAT_LOSS:
+        raise UsageError(f"unknown --chat-loss {chat_loss!r}: use all or last")
+    return chat_loss
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(require_regular_file(path, "data file"), "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -53,9 +63,7 @@ def file_sha256(path: str | Path) -> str:
 
 def read_rows(path: str | Path) -> list[Row]:
     """Every row of a data file, with its location; an empty file is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such data file")
+    path = require_regular_file(path, "data file")  # a FIFO would block forever
     suffix = path.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv}
     if suffix == ".parquet":
@@ -86,6 +94,8 @@ def _read_jsonl(path: Path) -> list[Row]:
                 value = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as error:
                 raise BadInputError(f"{where}: invalid JSON ({error})") from None
+            except RecursionError:
+                raise BadInputError(f"{where}: JSON nested too deeply to be a data row") from None
             if not isinstance(value, dict):
                 raise BadInputError(f"{where}: expected a JSON object, got {type(value).__name__}")
             rows.append(Row(value, where))
@@ -96,7 +106,8 @@ def _read_csv(path: Path) -> list[Row]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     csv.field_size_limit(MAX_LINE_BYTES)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8" export) is not part of the first column name
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle, delimiter=delimiter)
             rows = []
             for row in reader:
@@ -125,7 +136,7 @@ def _read_parquet(path: Path) -> list[Row]:
 
 def _read_text(path: Path) -> list[Row]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise BadInputError(f"{path}: not UTF-8 text ({error})") from None
     # Paragraphs (blank-line separated) are the documents; tokenisation cuts long ones into blocks.
@@ -137,18 +148,35 @@ def _read_text(path: Path) -> list[Row]:
 # Labels
 
 
+MAX_CLASSES = 1 << 16  # integer labels are class indices 0..K-1: a larger index is an id, not a class
+
+
 def label_names(rows: Sequence[Row], task: str) -> list[str] | None:
-    """The label map of a classification set: sorted strings, or "0".."K-1" for integer labels."""
+    """The label map of a classification set: sorted strings, or "0".."K-1" for integer labels
+    (whole-number floats such as 1.0 count as integers: JSON writers and pandas emit them)."""
     if task != "seq-cls":
         return None
-    values = [_field(row, "label") for row in rows]
+    values = [_label_value(row) for row in rows]
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         if min(values) < 0:
             raise BadInputError(
                 f"{rows[values.index(min(values))].where}: negative class index {min(values)}"
             )
+        if max(values) >= MAX_CLASSES:
+            raise BadInputError(
+                f"{rows[values.index(max(values))].where}: class index {max(values)} is too large "
+                f"(integer labels are class indices below {MAX_CLASSES}); write the labels as strings"
+            )
         return [str(i) for i in range(max(values) + 1)]
     return sorted({str(v) for v in values})
+
+
+def _label_value(row: Row):
+    """A row's label, with a whole-number float (1.0) as the integer it is."""
+    value = _field(row, "label")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _field(row: Row, name: str):
@@ -166,26 +194,42 @@ def _text(row: Row, name: str) -> str:
 
 
 def _class_index(row: Row, labels: list[str]) -> int:
-    value = _field(row, "label")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
+    value = _label_value(row)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise BadInputError(f"{row.where}: label must be a string or an integer, got {value!r}")
+        raise BadInputError(f"{row.where}: label must be a string or an integer, got {_shown(value)}")
     key = str(value)
-    if key not in labels:
-        raise BadInputError(f"{row.where}: label {value!r} is not one of the model's labels {labels}")
-    return labels.index(key)
+    if key in labels:
+        return labels.index(key)
+    # GLUE style: an integer (or a CSV/TSV cell holding one) is a class index when the label map
+    # names the classes instead (an imported official checkpoint: LABEL_0, LABEL_1, ...)
+    index = value if isinstance(value, int) else int(key) if key.isdecimal() and len(key) < 19 else None
+    if index is not None and 0 <= index < len(labels):
+        return index
+    raise BadInputError(f"{row.where}: label {_shown(value)} is not one of the model's labels {labels}")
 
 
 def _float_label(row: Row) -> float:
     value = _field(row, "label")
     try:
         number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
     except (TypeError, ValueError):
-        raise BadInputError(f"{row.where}: regression label must be a number, got {value!r}") from None
+        raise BadInputError(f"{row.where}: regression label must be a number, got {_shown(value)}") from None
     if isinstance(value, bool) or not math.isfinite(number):
-        raise BadInputError(f"{row.where}: regression label must be a finite number, got {value!r}")
+        raise BadInputError(f"{row.where}: regression label must be a finite number, got {_shown(value)}")
+    if abs(number) > FLOAT32_MAX:  # the targets are float32 tensors: it would be an infinite target
+        raise BadInputError(f"{row.where}: regression label {_shown(value)} is beyond float32's range")
     return number
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _shown(value, limit: int = 40) -> str:
+    """repr of a value from a data file, cut short (a row may hold a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,16 +251,32 @@ class Example:
 
 
 def encode(
-    rows: Sequence[Row], tokenizer, task: str, *, max_length: int, labels: list[str] | None = None
+    rows: Sequence[Row],
+    tokenizer,
+    task: str,
+    *,
+    max_length: int,
+    labels: list[str] | None = None,
+    chat_loss: str = "all",
 ) -> list[Example]:
-    """Tokenise rows for `task`; causal-lm texts longer than max_length become several blocks."""
+    """Tokenise rows for `task`; causal-lm texts longer than max_length become several blocks.
+    `chat_loss` picks the assistant turns of a `messages` row that carry the loss: all, or the last."""
     check_task(task)
+    check_chat_loss(chat_loss)
+    max_length = min(max_length, token_limit(tokenizer) or max_length)
     if task == "causal-lm":
         examples = []
         for row in rows:
-            examples.extend(_encode_lm(row, tokenizer, max_length))
+            examples.extend(_encode_lm(row, tokenizer, max_length, chat_loss))
         return examples
     return [_encode_cls(row, tokenizer, task, max_length, labels) for row in rows]
+
+
+def token_limit(tokenizer) -> int | None:
+    """The most tokens the model takes (`models.load_tokenizer` sets the tokenizer's model_max_length
+    from the model's position embeddings), or None when the tokenizer names no real limit."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1 << 40 else None
 
 
 def _encode_cls(row: Row, tokenizer, task: str, max_length: int, labels) -> Example:
@@ -228,11 +288,17 @@ def _encode_cls(row: Row, tokenizer, task: str, max_length: int, labels) -> Exam
     return Example(list(enc["input_ids"]), target=target, pair=enc.get("token_type_ids"))
 
 
-def _encode_lm(row: Row, tokenizer, max_length: int) -> list[Example]:
+def _encode_lm(row: Row, tokenizer, max_length: int, chat_loss: str = "all") -> list[Example]:
     fields = row.fields
     if "messages" in fields:
-        prompt_ids, response_ids = _chat_parts(row, tokenizer)
-    elif "prompt" in fields or "response" in fields:
+        ids, labels = chat_example(row, tokenizer, chat_loss)
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            raise BadInputError(
+                f"{row.where}: no assistant token within the first {max_length} tokens; raise --max-length"
+            )
+        return [Example(ids, labels=labels)]
+    if "prompt" in fields or "response" in fields:
         prompt_ids = _prefixed(tokenizer, _text(row, "prompt"))
         response_ids = tokenizer(_text(row, "response"), add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
@@ -257,38 +323,193 @@ def _prefixed(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def _chat_parts(row: Row, tokenizer) -> tuple[list[int], list[int]]:
+# ----------------------------------------------------------------------------------------------
+# Chat
+
+
+def chat_messages(row: Row) -> list[dict]:
+    """The validated `messages` of a row: a non-empty list of {"role": str, "content": str} objects."""
     messages = _field(row, "messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+    if not isinstance(messages, list) or not messages:
         raise BadInputError(f"{row.where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    if messages[-1].get("role") != "assistant":
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise BadInputError(
+                f"{row.where}: message {number} must be a {{role, content}} object, "
+                f"got {type(message).__name__}"
+            )
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise BadInputError(f"{row.where}: message {number} has no 'role' (a string such as user)")
+        content = message.get("content")
+        if not isinstance(content, str):
+            got = "nothing" if content is None else type(content).__name__
+            raise BadInputError(
+                f"{row.where}: message {number} ({role}): 'content' must be a string, got {got}"
+            )
+    return messages
+
+
+def chat_example(row: Row, tokenizer, chat_loss: str = "all") -> tuple[list[int], list[int]]:
+    """Token ids of a chat and its labels: the assistant turns' tokens (all, or only the last turn's),
+    each turn through its end-of-turn token (how the model learns to stop), IGNORE_INDEX elsewhere.
+
+    A template with `{% generation %}` markers labels what the tokenizer's `return_assistant_tokens_mask`
+    marks, plus an end-of-sequence token right after a marked span that leaves it out. Any other template
+    goes by prefixes: the conversation rendered up to a turn with the generation prompt, and through
+    that turn; the characters in between (less trailing whitespace) are the turn, and every token of the
+    whole rendered chat that overlaps them is labelled (the same overlap rule as the tokenizer's mask).
+    """
+    messages = chat_messages(row)
+    if messages[-1]["role"] != "assistant":
         raise BadInputError(f"{row.where}: the last message must be the assistant's answer to learn")
-    if not getattr(tokenizer, "chat_template", None):
+    template = _chat_template(tokenizer)
+    if template is None:
         raise BadInputError(f"{row.where}: this model's tokenizer has no chat template; use prompt/response")
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise BadInputError(f"{row.where}: the chat template does not extend the prompt; use prompt/response")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-    return list(prompt_ids), list(response_ids)
+    if _GENERATION_MARK.search(template):
+        return _marked_chat(row, tokenizer, messages, chat_loss)
+    return _prefix_chat(row, tokenizer, messages, chat_loss)
+
+
+_GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _chat_template(tokenizer) -> str | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return tokenizer.get_chat_template()
+    except (ValueError, TypeError):  # several named templates and no default among them
+        return None
+
+
+def _render(row: Row, tokenizer, messages: list[dict], **kwargs):
+    """apply_chat_template, with a template's own refusal (raise_exception) as bad input at the row."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except (TemplateError, ValueError, TypeError, KeyError) as error:
+        raise BadInputError(
+            f"{row.where}: the chat template rejects this conversation ({error})".splitlines()[0]
+        ) from None
+
+
+def _marked_chat(row: Row, tokenizer, messages, chat_loss: str) -> tuple[list[int], list[int]]:
+    encoded = _render(
+        row, tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    runs, start = [], None
+    for i, flag in enumerate([*mask, 0]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append([start, i])
+            start = None
+    eos = tokenizer.eos_token_id
+    for run in runs:  # a template that marks the content only: the end-of-turn token is learned too
+        if eos is not None and run[1] < len(ids) and ids[run[1]] == eos:
+            run[1] += 1
+    if chat_loss == "last":
+        runs = runs[-1:]
+    labels = [IGNORE_INDEX] * len(ids)
+    for first, stop in runs:
+        labels[first:stop] = ids[first:stop]
+    return ids, labels
+
+
+def _prefix_chat(row: Row, tokenizer, messages, chat_loss: str) -> tuple[list[int], list[int]]:
+    full = _render(row, tokenizer, messages, tokenize=False)
+    learned = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+    if chat_loss == "last":
+        learned = learned[-1:]
+    if not learned:
+        raise BadInputError(f"{row.where}: the conversation has no assistant answer to a message before it")
+    spans = []
+    for i in learned:
+        before = _render(row, tokenizer, messages[:i], add_generation_prompt=True, tokenize=False)
+        through = _render(row, tokenizer, messages[: i + 1], tokenize=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            hint = "; use --chat-loss last" if i != len(messages) - 1 else ""
+            raise BadInputError(
+                f"{row.where}: the chat template does not render message {i + 1} as an extension of the "
+                f"conversation before it{hint}, or prompt/response rows"
+            )
+        end = len(through.rstrip())
+        spans.append((len(before), max(end, len(before))))
+    offsets = _offsets(tokenizer, full)
+    if offsets is None:  # a tokenizer without offsets: tokenise the pieces one by one
+        ids, labels, at = [], [], 0
+        for first, stop in spans:
+            for text, learn in ((full[at:first], False), (full[first:stop], True)):
+                piece = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+                ids.extend(piece)
+                labels.extend(piece if learn else [IGNORE_INDEX] * len(piece))
+            at = stop
+        tail = list(tokenizer(full[at:], add_special_tokens=False)["input_ids"]) if full[at:] else []
+        return ids + tail, labels + [IGNORE_INDEX] * len(tail)
+    ids, positions = offsets
+    labels = [
+        token if any(start < stop and end > first for first, stop in spans) else IGNORE_INDEX
+        for token, (start, end) in zip(ids, positions, strict=True)
+    ]
+    return ids, labels
+
+
+def _offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """Token ids of `text` as apply_chat_template makes them (no added special tokens), with the
+    character span of each; None for a tokenizer that cannot report spans."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    spans = encoded.get("offset_mapping")
+    if spans is None:
+        return None
+    return list(encoded["input_ids"]), [tuple(s) for s in spans]
 
 
 def prompt_text(row: Row, tokenizer) -> str:
-    """The text a model is asked to continue in generation: the prompt, or the chat up to the answer."""
+    """The text a model is asked to continue in generation: the prompt, or the chat up to the answer
+    (a chat that ends with an assistant message: that message is the reference answer, not shown)."""
     fields = row.fields
     if "messages" in fields:
-        messages = _field(row, "messages")
-        if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant":
+        messages = chat_messages(row)
+        if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if not messages:
+            raise BadInputError(f"{row.where}: the chat has only the answer; add the message it answers")
+        if _chat_template(tokenizer) is None:
+            raise BadInputError(f"{row.where}: this model's tokenizer has no chat template; use a prompt")
+        return _render(row, tokenizer, messages, add_generation_prompt=True, tokenize=False)
     return _text(row, "prompt")
 
 
+def check_generation_fits(row: Row, prompt: str, tokenizer, max_new_tokens: int) -> None:
+    """Refuse (bad input, at the row) a prompt whose tokens plus `max_new_tokens` pass the model's
+    positions (`token_limit`): a model with learned positions would index past them."""
+    limit = token_limit(tokenizer)
+    if limit is None:
+        return
+    length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if length + max_new_tokens > limit:
+        raise BadInputError(
+            f"{row.where}: the prompt has {length} tokens; with --max-new-tokens {max_new_tokens} that "
+            f"passes the model's {limit} positions: shorten it or lower --max-new-tokens"
+        )
+
+
 def reference_answer(row: Row) -> str:
+    """The answer generation is scored against: the last assistant message, or `response` / `answer`."""
     fields = row.fields
     if "messages" in fields:
-        return str(_field(row, "messages")[-1].get("content", ""))
+        messages = chat_messages(row)
+        if messages[-1]["role"] != "assistant":
+            raise BadInputError(
+                f"{row.where}: generation needs a reference: end the chat with the assistant's answer"
+            )
+        return messages[-1]["content"]
     for name in ("response", "answer"):
         if name in fields:
             return str(fields[name])
@@ -340,7 +561,7 @@ def stratified_split(
 
     if not 0 < fraction < 1:
         raise UsageError(f"--eval-split must be between 0 and 1, got {fraction}")
-    stratify = [str(_field(r, "label")) for r in rows] if task == "seq-cls" else None
+    stratify = [str(_label_value(r)) for r in rows] if task == "seq-cls" else None
     try:
         train, held = train_test_split(list(rows), test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError as error:

@@ -18,6 +18,11 @@ from .errors import BadInputError
 from .models import weight_matrix
 
 SVD_BACKENDS = ("torch", "sklearn", "exact")
+# (niter, oversample) when not given. sklearn: the official LoRA-XS call, TruncatedSVD(n_iter=10) with
+# TruncatedSVD's own default of 10 oversamples (config/reconstruct_config.yaml, utils/svd_utils.py).
+BACKEND_DEFAULTS: dict[str, tuple[int, int]] = {"torch": (4, 16), "sklearn": (10, 10), "exact": (4, 16)}
+# The official code's random_state for every module; `--svd sklearn` uses OFFICIAL_RANDOM_STATE + --seed.
+OFFICIAL_RANDOM_STATE = 42
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,23 @@ class SVDSettings:
             raise BadInputError(f"unknown --svd {self.backend!r}: use {' or '.join(SVD_BACKENDS)}")
         if self.niter < 0 or self.oversample < 0:
             raise BadInputError("--niter and --oversample must be >= 0")
+        if self.backend == "sklearn" and not 0 <= OFFICIAL_RANDOM_STATE + self.seed < 2**32:
+            raise BadInputError(f"--svd sklearn: --seed must be in [-42, 2^32 - 43], got {self.seed}")
+
+    @classmethod
+    def for_backend(
+        cls, backend: str, niter: int | None = None, oversample: int | None = None, seed: int = 0
+    ) -> SVDSettings:
+        """Settings with the backend's own defaults for what is not given (None)."""
+        if backend not in BACKEND_DEFAULTS:
+            raise BadInputError(f"unknown --svd {backend!r}: use {' or '.join(SVD_BACKENDS)}")
+        default_niter, default_oversample = BACKEND_DEFAULTS[backend]
+        return cls(
+            backend,
+            default_niter if niter is None else niter,
+            default_oversample if oversample is None else oversample,
+            seed,
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -66,19 +88,32 @@ def randomized_svd(
     return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
 
 
+def official_sklearn_factors(
+    matrix: torch.Tensor, rank: int, *, niter: int, oversample: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B, A and S exactly as the official LoRA-XS code computes them, with sklearn on the CPU.
+
+    utils/svd_utils.py of the official code fits `TruncatedSVD(n_components=r, n_iter=10,
+    random_state=42)` on `weight.T` (in x out) and utils/initialization_utils.py sets
+    lora_B = components_^T (out x r) and lora_A = transform(weight.T)^T = B^T W (r x in).
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    transposed = matrix.detach().cpu().numpy().T
+    svd = TruncatedSVD(n_components=rank, n_iter=niter, n_oversamples=oversample, random_state=seed)
+    svd.fit(transposed)
+    b = torch.from_numpy(svd.components_.T.copy())
+    a = torch.from_numpy(svd.transform(transposed).T.copy())
+    s = torch.from_numpy(svd.singular_values_.copy())
+    return b.to(matrix.device), a.to(matrix.device), s.to(matrix.device)
+
+
 def sklearn_svd(
     matrix: torch.Tensor, rank: int, *, niter: int, oversample: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The paper's reference: sklearn TruncatedSVD(n_iter=niter) on the CPU, for parity checks."""
-    from sklearn.decomposition import TruncatedSVD
-
-    array = matrix.detach().cpu().numpy()
-    svd = TruncatedSVD(n_components=rank, n_iter=niter, n_oversamples=oversample, random_state=seed % 2**32)
-    projected = svd.fit_transform(array)  # U * S
-    s = torch.from_numpy(svd.singular_values_.copy())
-    u = torch.from_numpy(projected) / s
-    vh = torch.from_numpy(svd.components_.copy())
-    return u.to(matrix.device), s.to(matrix.device), vh.to(matrix.device)
+    """The official call as an SVD: U = B, S, Vh = A / S (see official_sklearn_factors)."""
+    b, a, s = official_sklearn_factors(matrix, rank, niter=niter, oversample=oversample, seed=seed)
+    return b, s, a / torch.where(s > 0, s, torch.ones_like(s))[:, None]
 
 
 def exact_svd(
@@ -92,19 +127,59 @@ def exact_svd(
 _BACKENDS = {"torch": randomized_svd, "sklearn": sklearn_svd, "exact": exact_svd}
 
 
+def _backend_seed(settings: SVDSettings, name: str) -> int:
+    if settings.backend == "sklearn":
+        return (
+            OFFICIAL_RANDOM_STATE + settings.seed
+        )  # one random_state for every module, as the official code
+    return module_seed(settings.seed, name)
+
+
 def truncated_svd(matrix: torch.Tensor, rank: int, settings: SVDSettings, name: str = ""):
     """Rank-r SVD of a float32 matrix with canonical signs."""
-    seed = module_seed(settings.seed, name)
     backend = _BACKENDS[settings.backend]
+    seed = _backend_seed(settings, name)
     u, s, vh = backend(matrix, rank, niter=settings.niter, oversample=settings.oversample, seed=seed)
     return canonical_signs(u, s, vh)
 
 
-def canonical_signs(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor):
-    """Flip each singular pair so the largest-magnitude entry of each column of U is positive."""
+def xs_factor_pair(
+    matrix: torch.Tensor, rank: int, settings: SVDSettings, name: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA-XS's B = U_r, A = S_r V_r^T and S_r of W, with canonical signs.
+
+    `--svd sklearn` returns the official code's B and A exactly (A = B^T W as it computes it, not S Vh).
+    The canonical flip is then a no-op with scikit-learn >= 1.5, whose TruncatedSVD flips each
+    component so its largest-magnitude entry is positive: the same rule on the same vectors (B's
+    columns). Older versions (the official requirements pin 0.24) flip by the other side; flipping a pair
+    (a column of B and the matching row of A) leaves B A unchanged and maps an adapter's R to D R D (D
+    the +-1 flips), so the function an adapter computes and a merged weight are the same.
+    """
+    if settings.backend == "sklearn":
+        b, a, s = official_sklearn_factors(
+            matrix,
+            rank,
+            niter=settings.niter,
+            oversample=settings.oversample,
+            seed=_backend_seed(settings, name),
+        )
+        signs = canonical_flips(b)
+        return b * signs, a * signs[:, None], s
+    u, s, vh = truncated_svd(matrix, rank, settings, name)
+    return u, s[:, None] * vh, s
+
+
+def canonical_flips(u: torch.Tensor) -> torch.Tensor:
+    """+-1 per column of U so that the largest-magnitude entry of each column becomes positive."""
     pivot = u.abs().argmax(dim=0)
     signs = torch.sign(u.gather(0, pivot[None, :])).squeeze(0)
     signs[signs == 0] = 1
+    return signs
+
+
+def canonical_signs(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor):
+    """Flip each singular pair so the largest-magnitude entry of each column of U is positive."""
+    signs = canonical_flips(u)
     return u * signs, s, vh * signs[:, None]
 
 
@@ -140,16 +215,16 @@ def compute_xs_factors(
     for name in names:
         weight = weight_matrix(modules[name]).detach()
         work = weight.to(device=device or weight.device, dtype=torch.float32)
-        u, s, vh = truncated_svd(work, rank, settings, name)
+        b, a, s = xs_factor_pair(work, rank, settings, name)
         total = work.square().sum()
-        tensors[f"{name}.B"] = u.contiguous().cpu()
-        tensors[f"{name}.A"] = (s[:, None] * vh).contiguous().cpu()
+        tensors[f"{name}.B"] = b.contiguous().cpu()
+        tensors[f"{name}.A"] = a.contiguous().cpu()
         stats[name] = {
             "shape": list(work.shape),
             "frobenius_sq": float(total),
             "singular_values": [round(v, 7) for v in s.tolist()],
         }
-        del work, u, s, vh
+        del work, b, a, s
         if on_module:
             on_module(name)
     return FactorResult(tensors, stats)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import FactorCache, FactorEntry, Recipe, get_or_compute
+from .devices import check_device
 from .errors import BadInputError
 from .factors import SVDSettings, check_rank, compute_xs_factors
 from .fingerprint import fingerprint
@@ -110,20 +111,6 @@ def _checkpoint_dtype(config) -> torch.dtype:
     return torch.float32
 
 
-def check_device(device: str | None) -> None:
-    """Refuse a device torch cannot use before any work, with one line instead of a torch traceback."""
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as error:
-        raise BadInputError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from error
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (parsed.index or 0) >= count:
-            raise BadInputError(f"--device {device}: {count} CUDA device(s) available here; use --device cpu")
-
-
 def plan_factors(request: FactorRequest, cache: FactorCache | None = None) -> FactorPlan:
     if request.method not in METHODS:
         raise BadInputError(f"unknown --method {request.method!r}: use xs or sb")
@@ -207,6 +194,28 @@ def _compute_xs(plan: FactorPlan, on_module) -> tuple[dict, dict]:
 
 
 @dataclass(frozen=True)
+class OfficialEta:
+    """The official LoRA-SB code's eta: `lr / (warmup_ratio * len(gradient_loader) * epochs)`.
+
+    train_arithmetic.py, train_cr.py and train_glue.py compute it so; len(gradient_loader) is the
+    number of batches of the training rows at the gradient pass's batch size (`--sb-batch-size`).
+    """
+
+    lr: float
+    warmup_ratio: float | None
+    epochs: float
+
+    def eta(self, train_rows: int, batch_size: int) -> float:
+        import math
+
+        if not (self.warmup_ratio or 0) > 0:
+            from .errors import UsageError
+
+            raise UsageError("--sb-official-eta needs --warmup-ratio > 0 (eta = lr / (warmup_ratio * ...))")
+        return self.lr / (self.warmup_ratio * math.ceil(train_rows / batch_size) * self.epochs)
+
+
+@dataclass(frozen=True)
 class SBInit:
     """Where LoRA-SB's approximated first step comes from. All but the memory budget are recorded."""
 
@@ -218,7 +227,11 @@ class SBInit:
     max_length: int = 512
     seed: int = 0
     held_out_split: float = 0.0  # rows `train --eval-split` holds out are never in the sample
-    max_grad_memory: int = 2 << 30  # bytes of float32 accumulators per pass (not part of the recipe)
+    max_grad_memory: int = 2 << 30  # bytes of gradient accumulators per pass (not part of the recipe)
+    grad_mode: str = "eval"  # "train": dropout on during the pass, as the official code
+    accum_dtype: str = "float32"  # "bfloat16": the official code's sums on a bf16 model
+    step: str = "adam"  # "sign": the official -eta * sign(G)
+    official_eta: OfficialEta | None = None  # set: eta comes from the training schedule instead
 
 
 def parse_bytes(text: str | int) -> int:
@@ -248,15 +261,22 @@ def sb_request(
     from dataclasses import replace
 
     from .data import check_task, file_sha256
-    from .sb import SBSettings
+    from .sb import GRAD_MODES, STEPS, SBSettings, parse_accum_dtype
 
     check_task(sb.task)
     if sb.samples <= 0 or sb.batch_size <= 0 or sb.max_length <= 0:
         raise BadInputError("LoRA-SB: --samples, --batch-size and --max-length must be positive")
+    if sb.grad_mode not in GRAD_MODES:
+        raise BadInputError(f"unknown --sb-grad-mode {sb.grad_mode!r}: use {' or '.join(GRAD_MODES)}")
+    if sb.step not in STEPS:
+        raise BadInputError(f"unknown --sb-step {sb.step!r}: use {' or '.join(STEPS)}")
+    sb = replace(sb, accum_dtype=parse_accum_dtype(sb.accum_dtype))
+    rows, labels, train_rows = _sb_rows(sb)
+    if sb.official_eta is not None:
+        sb = replace(sb, eta=sb.official_eta.eta(train_rows, sb.batch_size))
     if not sb.eta > 0:
         raise BadInputError(f"LoRA-SB: --sb-lr must be positive, got {sb.eta}")
-    rows, labels = _sb_rows(sb)
-    settings = SBSettings(eta=sb.eta)
+    settings = SBSettings(eta=sb.eta, step=sb.step)
     extra = {
         "data_sha256": file_sha256(sb.data),
         "samples": len(rows),
@@ -267,16 +287,20 @@ def sb_request(
         "max_length": sb.max_length,
         "held_out_split": sb.held_out_split,
         **settings.as_dict(),
+        # Recorded only when not the default: the recipes (cache entries) of the defaults are unchanged.
+        **({"grad_mode": sb.grad_mode} if sb.grad_mode != "eval" else {}),
+        **({"accum_dtype": sb.accum_dtype} if sb.accum_dtype != "float32" else {}),
     }
 
     def compute(plan: FactorPlan, on_module) -> tuple[dict, dict]:
-        return _compute_sb(plan, sb, rows, labels, settings, all_reduce, shard, on_module)
+        return _compute_sb(plan, sb, rows, labels, settings, all_reduce, shard, on_module, train_rows)
 
     return replace(request, method="sb", extra={"sb": extra}), compute
 
 
-def _sb_rows(sb: SBInit) -> tuple[list, list[str] | None]:
-    """The seeded gradient sample: `samples` rows of the training part of the data."""
+def _sb_rows(sb: SBInit) -> tuple[list, list[str] | None, int]:
+    """The seeded gradient sample (`samples` rows of the training part of the data), the label names,
+    and the number of training rows."""
     import random
 
     from .data import label_names, read_rows, stratified_split
@@ -286,13 +310,13 @@ def _sb_rows(sb: SBInit) -> tuple[list, list[str] | None]:
     if sb.held_out_split:
         rows, _ = stratified_split(rows, sb.held_out_split, sb.seed, sb.task)
     chosen = sorted(random.Random(sb.seed).sample(range(len(rows)), min(sb.samples, len(rows))))
-    return [rows[i] for i in chosen], labels
+    return [rows[i] for i in chosen], labels, len(rows)
 
 
-def _compute_sb(plan, sb: SBInit, rows, labels, settings, all_reduce, shard, on_module):
+def _compute_sb(plan, sb: SBInit, rows, labels, settings, all_reduce, shard, on_module, train_rows):
     from .data import collate, encode, pad_id_of
     from .models import backbone, head_kwargs, load_tokenizer
-    from .sb import average_gradients, plan_groups, sb_factors
+    from .sb import ACCUM_DTYPES, average_gradients, plan_groups, sb_factors
 
     tokenizer = load_tokenizer(plan.base.resolved)
     examples = encode(rows, tokenizer, sb.task, max_length=sb.max_length, labels=labels)
@@ -312,9 +336,36 @@ def _compute_sb(plan, sb: SBInit, rows, labels, settings, all_reduce, shard, on_
             yield {k: v.to(device) for k, v in batch.items()}
 
     core = backbone(model)
+    accum_dtype = ACCUM_DTYPES[sb.accum_dtype]
     gradients = average_gradients(
-        model, core, plan.targets, batches, budget_bytes=sb.max_grad_memory, all_reduce=all_reduce
+        model,
+        core,
+        plan.targets,
+        batches,
+        budget_bytes=sb.max_grad_memory,
+        all_reduce=all_reduce,
+        mode=sb.grad_mode,
+        accum_dtype=accum_dtype,
+        seed=sb.seed,
     )
     tensors, stats = sb_factors(gradients, core, plan.request.rank, settings, plan.request.svd, on_module)
-    groups = len(plan_groups(plan.base.shapes(plan.targets), sb.max_grad_memory))
-    return tensors, {"stats": stats, "sb": {"examples": len(examples), "gradient_passes": groups}}
+    element_bytes = torch.empty((), dtype=accum_dtype).element_size()
+    groups = len(plan_groups(plan.base.shapes(plan.targets), sb.max_grad_memory, element_bytes))
+    record = {
+        "examples": len(examples),
+        "gradient_passes": groups,
+        "grad_mode": sb.grad_mode,
+        "accum_dtype": sb.accum_dtype,
+        "step": settings.step,
+        "eta": settings.eta,
+    }
+    if sb.official_eta is not None:
+        record["eta_from"] = {
+            "rule": "lr / (warmup_ratio * ceil(train_rows / batch_size) * epochs)",
+            "lr": sb.official_eta.lr,
+            "warmup_ratio": sb.official_eta.warmup_ratio,
+            "epochs": sb.official_eta.epochs,
+            "train_rows": train_rows,
+            "batch_size": sb.batch_size,
+        }
+    return tensors, {"stats": stats, "sb": record}

@@ -12,11 +12,16 @@ at W + rank_r(dW) while W itself is unchanged.
 Memory: gradients of the targets are folded into float32 accumulators by post-accumulate hooks and
 freed at once, so no target ever holds a `.grad`; when all accumulators would exceed the budget,
 targets are processed in groups, with one pass over the sample per group.
+
+The official LoRA-SB code (utils/gradient_utils.py, estimate_and_process_grads_torch) differs in three
+ways that each have a recorded setting here: it runs the pass in train mode (dropout on), sums the
+gradients in the weights' dtype (bfloat16 for its LLMs), and takes the sign step -eta * sign(G).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +36,22 @@ DEFAULT_ETA = 3e-4
 DEFAULT_EPS = 1e-8  # AdamW's default eps
 
 
+STEPS = ("adam", "sign")
+GRAD_MODES = ("eval", "train")
+ACCUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_ACCUM_ALIASES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def parse_accum_dtype(name: str) -> str:
+    """'float32' | 'fp32' | 'bfloat16' | 'bf16' -> the canonical name recorded in the recipe."""
+    canonical = _ACCUM_ALIASES.get(name.lower(), name.lower())
+    if canonical not in ACCUM_DTYPES:
+        from .errors import BadInputError
+
+        raise BadInputError(f"unknown --sb-accum-dtype {name!r}: use float32 or bfloat16")
+    return canonical
+
+
 @dataclass(frozen=True)
 class SBSettings:
     """The recorded settings of the approximated first step (part of the cache recipe)."""
@@ -38,18 +59,29 @@ class SBSettings:
     eta: float = DEFAULT_ETA
     eps: float = DEFAULT_EPS
     weight_decay: float = 0.0
+    step: str = "adam"  # adam: -eta G / (|G| + eps); sign: -eta sign(G), the official code's
+
+    def __post_init__(self):
+        if self.step not in STEPS:
+            from .errors import BadInputError
+
+            raise BadInputError(f"unknown --sb-step {self.step!r}: use {' or '.join(STEPS)}")
 
     def as_dict(self) -> dict:
-        return {"eta": self.eta, "eps": self.eps, "weight_decay": self.weight_decay}
+        # The step is recorded only when it is not the default, so existing cache entries stay valid.
+        extra = {} if self.step == "adam" else {"step": self.step}
+        return {"eta": self.eta, "eps": self.eps, "weight_decay": self.weight_decay, **extra}
 
 
-def plan_groups(shapes: dict[str, tuple[int, int]], budget_bytes: int) -> list[list[str]]:
-    """Split the targets (in model order) into groups whose float32 accumulators fit the budget."""
+def plan_groups(
+    shapes: dict[str, tuple[int, int]], budget_bytes: int, element_bytes: int = 4
+) -> list[list[str]]:
+    """Split the targets (in model order) into groups whose accumulators fit the budget."""
     groups: list[list[str]] = []
     current: list[str] = []
     used = 0
     for name, (m, n) in shapes.items():
-        size = m * n * 4
+        size = m * n * element_bytes
         if current and used + size > budget_bytes:
             groups.append(current)
             current, used = [], 0
@@ -69,6 +101,9 @@ def average_gradients(
     budget_bytes: int,
     all_reduce: Callable[[torch.Tensor], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    mode: str = "eval",
+    accum_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yields, group by group, the mean gradient of the loss w.r.t. each target weight (float32, (out, in)).
 
@@ -76,35 +111,63 @@ def average_gradients(
     `batches()` yields model inputs (with labels) and is called once per group, so its order must
     be deterministic. `all_reduce` sums a tensor across processes (torch.distributed), so every rank
     gets identical averages.
+
+    `mode="eval"` (default) runs the pass with dropout off; `"train"` with dropout on, as the official
+    code does. In train mode every group's pass starts from the same seeded RNG state (the global RNG
+    is restored afterwards), so every pass draws the same dropout masks and grouping changes nothing.
+    `accum_dtype` is the dtype of the running sums (bfloat16: the official code's, on a bf16 model).
     """
+    if mode not in GRAD_MODES:
+        from .errors import BadInputError
+
+        raise BadInputError(f"unknown --sb-grad-mode {mode!r}: use {' or '.join(GRAD_MODES)}")
     modules = dict(backbone.named_modules())
     shapes = {n: tuple(weight_matrix(modules[n]).shape) for n in names}
-    groups = plan_groups(shapes, budget_bytes)
+    element_bytes = torch.empty((), dtype=accum_dtype).element_size()
+    groups = plan_groups(shapes, budget_bytes, element_bytes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
-    # Dropout off: every group's pass must see the same function, and the factors must be
+    # Eval mode by default: every group's pass sees the same function and the factors are
     # reproducible (they are cached by recipe).
     was_training = model.training
-    model.eval()
+    model.train(mode == "train")
     try:
         for group_index, group in enumerate(groups):
-            yield _group_gradients(model, modules, group, batches, all_reduce, on_batch, group_index)
+            with _seeded_rng(model, seed, enabled=mode == "train"):
+                group_gradients = _group_gradients(
+                    model, modules, group, batches, all_reduce, on_batch, group_index, accum_dtype
+                )
+            yield group_gradients
     finally:
         model.train(was_training)
         for p in trainable:
             p.requires_grad_(True)
 
 
-def _group_gradients(model, modules, group, batches, all_reduce, on_batch, group_index):
+@contextmanager
+def _seeded_rng(model: nn.Module, seed: int, *, enabled: bool):
+    """The same RNG stream (dropout masks) for every pass, without disturbing the caller's RNG."""
+    if not enabled:
+        yield
+        return
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for index in devices:  # only the devices the model is on; others are left alone
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+def _group_gradients(model, modules, group, batches, all_reduce, on_batch, group_index, accum_dtype):
     sums: dict[str, torch.Tensor] = {}
     handles = []
     for name in group:
         weight = modules[name].weight
-        sums[name] = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        sums[name] = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device)
 
         def fold(param: torch.Tensor, name=name) -> None:
-            sums[name].add_(param.grad.float())
+            sums[name].add_(param.grad.to(accum_dtype))
             param.grad = None  # freed at once: at most this one gradient exists beside the sums
 
         weight.requires_grad_(True)
@@ -139,7 +202,7 @@ def _group_gradients(model, modules, group, batches, all_reduce, on_batch, group
         raise BadInputError("LoRA-SB init: the gradient sample is empty")
     out = {}
     for name in group:
-        gradient = sums.pop(name).div_(float(count))
+        gradient = sums.pop(name).float().div_(float(count))
         # Conv1D stores W^T: bring the gradient to the (out, in) convention of the math.
         out[name] = gradient.t().contiguous() if is_conv1d(modules[name]) else gradient
     return out
@@ -148,8 +211,14 @@ def _group_gradients(model, modules, group, batches, all_reduce, on_batch, group
 def first_adamw_step(
     gradient: torch.Tensor, weight: torch.Tensor | None, settings: SBSettings
 ) -> torch.Tensor:
-    """dW of one AdamW step from a fresh optimizer (bias-corrected moments: m = G, v = G^2)."""
-    step = -settings.eta * gradient / (gradient.abs() + settings.eps)
+    """dW of one AdamW step from a fresh optimizer (bias-corrected moments: m = G, v = G^2).
+
+    `settings.step == "sign"` takes the official code's -eta * sign(G) (its eps -> 0 limit).
+    """
+    if settings.step == "sign":
+        step = -settings.eta * torch.sign(gradient)
+    else:
+        step = -settings.eta * gradient / (gradient.abs() + settings.eps)
     if settings.weight_decay and weight is not None:
         step = step - settings.eta * settings.weight_decay * weight.float()
     return step

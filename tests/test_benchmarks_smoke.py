@@ -10,7 +10,7 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_LLAMA_TARGETS = 2 * 7  # the --quick model: 2 layers x 7 projections
-TINY_BERT_TARGETS = 2 * 4  # tiny_bert: 2 layers x (query, value, attention output, intermediate)
+TINY_BERT_TARGETS = 2 * 4  # tiny_bert: 2 layers x (query, value, attention output, FFN output)
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
-"""`loraxs convert`: exact export to PEFT LoRA (loaded by peft.PeftModel), projection of PEFT LoRA onto
-the LoRA-XS factors (retained energy), exact import of official LoRA-XS checkpoints, and `inspect`."""
+"""`loraxs convert`: exact export to PEFT LoRA (its config written and read back by PEFT, the adapter
+loaded by peft.PeftModel), projection of PEFT LoRA onto the LoRA-XS factors (retained energy), and
+`inspect`. The official LoRA-XS/LoRA-SB import is in test_official_format.py."""
 
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ from typer.testing import CliRunner
 
 from loraxs_cli.adapter import apply_adapter, load_adapter
 from loraxs_cli.cli.app import app
-from loraxs_cli.layer import inject
-from loraxs_cli.models import ResolvedModel, backbone, head_kwargs, load_model
+from loraxs_cli.models import ResolvedModel, head_kwargs, load_model
 from models_for_tests import make_adapter
 
 peft = pytest.importorskip("peft")
@@ -59,10 +59,19 @@ def peft_logits(model_dir: Path, peft_dir: Path, task: str, labels=None) -> torc
 
 def test_export_peft_llama_is_exact_and_pads(tiny_llama_dir, tmp_path):
     adapter = make_adapter(tiny_llama_dir, tmp_path / "xs", rank=4, alpha=8)
-    doc = run_json("convert", adapter, "--to", "peft-lora", "--out", tmp_path / "peft")
+    result = invoke("convert", adapter, "--to", "peft-lora", "--out", tmp_path / "peft", "--json")
+    assert result.exit_code == 0, result.output
+    assert "vLLM" not in result.stderr and not result.stderr.strip()  # any rank up to --max-lora-rank
+    doc = json.loads(result.stdout)
     assert doc["rank"] == 4 and doc["lora_alpha"] == 8 and doc["modules"] == 14
+    assert doc["config_written_by"] == f"peft {peft.__version__}" and doc["modules_to_save"] == []
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["peft_version"] == peft.__version__  # PEFT's own save_pretrained wrote it
+    read = peft.LoraConfig.from_pretrained(str(tmp_path / "peft"))
+    assert (read.r, read.lora_alpha, read.task_type) == (4, 8, "CAUSAL_LM")
+    assert set(read.target_modules) == set(load_adapter(adapter).config.modules)
+    assert read.modules_to_save is None and not read.fan_in_fan_out and read.lora_dropout == 0.0
     reference = loraxs_logits(tiny_llama_dir, adapter)
     base = logits(load(tiny_llama_dir, "causal-lm"))
     assert (reference - base).abs().max() > 1e-3
@@ -84,19 +93,69 @@ def test_export_peft_llama_is_exact_and_pads(tiny_llama_dir, tmp_path):
 
 
 def test_export_peft_bert_head_and_gpt2(tiny_bert_dir, tiny_gpt2_dir, tmp_path):
-    adapter = make_adapter(tiny_bert_dir, tmp_path / "xs", task="seq-cls", labels=["neg", "pos"])
-    doc = run_json("convert", adapter, "--to", "peft-lora", "--out", tmp_path / "peft", "--pad-rank", "8")
-    assert doc["head_params"] == 64 * 2 + 2
+    from transformers import AutoModelForSequenceClassification
+
+    labels = ["neg", "pos"]  # the tiny base has a 2-way head
+    adapter = make_adapter(tiny_bert_dir, tmp_path / "xs", task="seq-cls", labels=labels)
+    result = invoke(
+        "convert", adapter, "--to", "peft-lora", "--out", tmp_path / "peft", "--pad-rank", 8, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    notice = result.stderr.strip().splitlines()
+    assert len(notice) == 1 and "vLLM refuses adapters with modules_to_save" in notice[0], notice
+    doc = json.loads(result.stdout)
+    assert doc["head_params"] == 64 * 2 + 2 and doc["modules_to_save"] == ["classifier"]
+    assert doc["labels"] == labels
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
     reference = loraxs_logits(tiny_bert_dir, adapter)
-    got = peft_logits(tiny_bert_dir, tmp_path / "peft", "seq-cls", ["neg", "pos"])
+    got = peft_logits(tiny_bert_dir, tmp_path / "peft", "seq-cls", labels)
     assert torch.allclose(got, reference, atol=1e-5)
+    # a PEFT user gets the names from the export's label map, the way its model card shows
+    label_map = json.loads((tmp_path / "peft" / "label_map.json").read_text())
+    assert label_map == {
+        "id2label": {str(i): n for i, n in enumerate(labels)},
+        "label2id": {n: i for i, n in enumerate(labels)},
+    }
+    assert "label_map.json" in (tmp_path / "peft" / "README.md").read_text()
+    torch.manual_seed(0)
+    id2label = {int(i): name for i, name in label_map["id2label"].items()}
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert_dir, id2label=id2label, label2id=label_map["label2id"]
+    )
+    user = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    assert user.config.id2label == dict(enumerate(labels)) and user.config.num_labels == 2
+    with torch.no_grad():
+        assert torch.allclose(user(input_ids=IDS).logits, reference, atol=1e-5)
+    # and back: the import reads the label map, so the names survive the round trip
+    back = run_json(
+        "convert",
+        tmp_path / "peft",
+        "--from",
+        "peft-lora",
+        "--model",
+        tiny_bert_dir,
+        "--out",
+        tmp_path / "back",
+    )
+    assert back["labels"] == labels and load_adapter(tmp_path / "back").config.labels == labels
     gpt2 = make_adapter(tiny_gpt2_dir, tmp_path / "gpt2-xs")
     run_json("convert", gpt2, "--to", "peft-lora", "--out", tmp_path / "gpt2-peft")
     assert json.loads((tmp_path / "gpt2-peft" / "adapter_config.json").read_text())["fan_in_fan_out"]
     got = peft_logits(tiny_gpt2_dir, tmp_path / "gpt2-peft", "causal-lm")
     assert torch.allclose(got, loraxs_logits(tiny_gpt2_dir, gpt2), atol=1e-5)
+
+
+def test_export_without_peft_writes_a_config_peft_reads(tiny_llama_dir, tmp_path, monkeypatch):
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "xs", rank=4, alpha=8)
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` fails: not installed
+    doc = run_json("convert", adapter, "--to", "peft-lora", "--out", tmp_path / "peft")
+    monkeypatch.undo()
+    assert doc["config_written_by"] == "loraxs"
+    read = peft.LoraConfig.from_pretrained(str(tmp_path / "peft"))
+    assert (read.r, read.lora_alpha, read.task_type) == (4, 8, "CAUSAL_LM")
+    got = peft_logits(tiny_llama_dir, tmp_path / "peft", "causal-lm")
+    assert torch.allclose(got, loraxs_logits(tiny_llama_dir, adapter), atol=1e-5)
 
 
 def test_import_peft_inside_factor_span_keeps_everything(tiny_llama_dir, tmp_path):
@@ -171,45 +230,6 @@ def test_import_random_peft_lora_keeps_expected_share(tiny_llama_dir, tmp_path):
     assert adapter.config.rank == rank and len(adapter.config.modules) == 6
 
 
-def test_import_official_checkpoint_is_exact(tiny_llama_dir, tmp_path):
-    """The official code's layout: lora_A, lora_B and default_lora_latent_mapping; A and B authoritative."""
-    gen = torch.Generator().manual_seed(1)
-    model = load(tiny_llama_dir, "causal-lm")
-    targets = ["q_proj", "v_proj"]
-    r, alpha = 4, 8
-    state, factors, R = {}, {}, {}
-    for name, module in backbone(model).named_modules():
-        if name.rsplit(".", 1)[-1] in targets:
-            m, n = module.weight.shape
-            factors[name] = (torch.randn(r, n, generator=gen), torch.randn(m, r, generator=gen))
-            R[name] = torch.randn(r, r, generator=gen) * 0.1
-            key = f"base_model.model.model.{name}"
-            state[f"{key}.lora_A.weight"] = factors[name][0]
-            state[f"{key}.lora_B.weight"] = factors[name][1]
-            state[f"{key}.default_lora_latent_mapping.weight"] = R[name]
-    src = tmp_path / "official"
-    src.mkdir()
-    torch.save(state, src / "adapter_model.bin")
-    (src / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "r": r,
-                "lora_alpha": alpha,
-                "target_modules": targets,
-                "task_type": "CAUSAL_LM",
-            }
-        )
-    )
-    doc = run_json("convert", src, "--from", "official", "--model", tiny_llama_dir, "--out", tmp_path / "xs")
-    assert doc["rank"] == 4 and doc["alpha"] == 8 and doc["modules"] == 4 and doc["task"] == "causal-lm"
-    inject(backbone(model), factors, alpha / r, R=R)
-    expected = logits(model)
-    assert torch.allclose(loraxs_logits(tiny_llama_dir, tmp_path / "xs"), expected, atol=1e-5)
-    shown = run_json("inspect", tmp_path / "xs")
-    assert shown["factors"]["embedded"] and shown["extra"]["converted_from"]["format"] == "official"
-
-
 def test_convert_bad_inputs(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     adapter = make_adapter(tiny_llama_dir, tmp_path / "xs")
     run_json("convert", adapter, "--to", "peft-lora", "--out", tmp_path / "peft")
@@ -223,7 +243,7 @@ def test_convert_bad_inputs(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
             2,
             "exactly",
         ),
-        (("convert", adapter, "--to", "gguf", "--out", tmp_path / "o"), 2, "unknown --to"),
+        (("convert", adapter, "--to", "gguf", "--out", tmp_path / "o"), 2, "'gguf' is not one of"),
         (("convert", tmp_path / "peft", "--from", "peft-lora", "--out", tmp_path / "o"), 2, "needs --model"),
         (("convert", adapter, "--to", "peft-lora", "--out", tmp_path / "o", "--pad-rank", "2"), 2, "below"),
         (("convert", adapter, "--to", "peft-lora", "--out", tmp_path / "peft"), 3, "--force"),

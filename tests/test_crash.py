@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from loraxs_cli.adapter import load_adapter
 from loraxs_cli.cache import FactorCache
+from loraxs_cli.checkpoint import STATE_FILE, TENSORS_FILE
 from loraxs_cli.cli.app import app
 from loraxs_cli.train import checkpoint_dirs
 from models_for_tests import make_adapter
@@ -143,7 +144,8 @@ def test_train_killed_three_times_resumes_to_the_uninterrupted_result(tmp_path, 
         # kill 1: while a checkpoint is being written (its temporary directory exists)
         child = Watched(args, home)
         kill_when(child, lambda: bool(temp_children(run / "checkpoints", ".tmp-step-")), "a checkpoint write")
-        assert all((p / "state.pt").is_file() for p in checkpoint_dirs(run))  # the partial one is not listed
+        # the partial one is not listed
+        assert all((p / STATE_FILE).is_file() and (p / TENSORS_FILE).is_file() for p in checkpoint_dirs(run))
         # kill 2: between checkpoint writes, once the resumed run has written a new one
         start = newest_step(run)
         child = Watched(args, home)

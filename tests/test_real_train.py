@@ -38,7 +38,7 @@ def train_then_eval(model: Path, train: str, test: str, out: Path, *train_args, 
 
 def test_minilm_classifies_bbc_topics_with_few_parameters(minilm_path, tmp_path, loraxs_home):
     """BBC News, 5 topics, 40 articles per topic to train on, 20 held out: >= 0.90 accuracy with fewer
-    than 20k trainable numbers (measured: 0.96 with 3,461: 6 x 4 x 64 in R, 1,925 in the head)."""
+    than 20k trainable numbers (measured: 0.93 with 3,461: 6 x 4 x 64 in R, 1,925 in the head)."""
     train_rows, test_rows = bbc_split(40, 20)
     train = write_jsonl(tmp_path / "train.jsonl", train_rows)
     test = write_jsonl(tmp_path / "test.jsonl", test_rows)

@@ -136,11 +136,14 @@ def test_train_sb_runs_init_itself_and_starts_at_the_merged_rank_r_step(tiny_lla
     "args, code, message",
     [
         (["--method", "sb"], 2, "--method sb needs --data"),
-        (["--method", "sb", "--data", "{data}", "--sb-lr", "0"], 3, "--sb-lr must be positive"),
-        (["--method", "sb", "--data", "{data}", "--samples", "0"], 3, "must be positive"),
+        (["--method", "sb", "--data", "{data}", "--sb-lr", "0"], 2, "--sb-lr must be positive"),
+        (["--method", "sb", "--data", "{data}", "--samples", "0"], 2, "must be positive"),
         (["--method", "sb", "--data", "{data}", "--max-grad-memory", "lots"], 3, "not a memory size"),
         (["--method", "sb", "--data", "{data}", "--task", "translation"], 2, "translation"),
         (["--method", "sb", "--data", "{missing}"], 3, "missing.jsonl"),
+        (["--method", "sb", "--data", "{data}", "--sb-step", "rmsprop"], 2, "'rmsprop' is not one of"),
+        (["--method", "sb", "--data", "{data}", "--sb-grad-mode", "dropout"], 2, "'dropout' is not one of"),
+        (["--method", "sb", "--data", "{data}", "--sb-accum-dtype", "fp16"], 2, "'fp16' is not one of"),
     ],
 )
 def test_bad_sb_options_fail_in_one_line(tiny_llama_dir, data, tmp_path, loraxs_home, args, code, message):
@@ -150,3 +153,91 @@ def test_bad_sb_options_fail_in_one_line(tiny_llama_dir, data, tmp_path, loraxs_
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not list(FactorCache(loraxs_home).entries())
+
+
+# ----------------------------------------------------------------------------------------------
+# The official LoRA-SB code's settings, on request: each recorded, each its own cache entry
+
+DEFAULT_SB_RECIPE_KEYS = {"data_sha256", "samples", "task", "labels", "seed", "batch_size", "max_length",
+                          "held_out_split", "eta", "eps", "weight_decay"}  # fmt: skip
+
+
+def entry_meta(doc: dict) -> dict:
+    return json.loads((Path(doc["path"]) / "meta.json").read_text())
+
+
+def test_official_sb_settings_are_recorded_and_cached_apart(tiny_llama_dir, data):
+    default = init_sb(tiny_llama_dir, data, "--samples", "8")
+    assert set(default["sb"]) == DEFAULT_SB_RECIPE_KEYS  # the defaults' recipe (cache key) is unchanged
+    recorded = entry_meta(default)["sb"]  # the run's record (not the key) names every setting
+    assert (recorded["grad_mode"], recorded["accum_dtype"], recorded["step"]) == ("eval", "float32", "adam")
+    spelled_out = init_sb(tiny_llama_dir, data, "--samples", "8", "--sb-step", "adam", "--sb-grad-mode",
+                          "eval", "--sb-accum-dtype", "float32")  # fmt: skip
+    assert spelled_out["cache"] == "hit" and spelled_out["entry"] == default["entry"]
+
+    sign = init_sb(tiny_llama_dir, data, "--samples", "8", "--sb-step", "sign")
+    bf16 = init_sb(tiny_llama_dir, data, "--samples", "8", "--sb-accum-dtype", "bfloat16")
+    train_mode = init_sb(tiny_llama_dir, data, "--samples", "8", "--sb-grad-mode", "train")
+    assert sign["sb"]["step"] == "sign" and bf16["sb"]["accum_dtype"] == "bfloat16"
+    assert train_mode["sb"]["grad_mode"] == "train"
+    entries = {doc["entry"] for doc in (default, sign, bf16, train_mode)}
+    assert len(entries) == 4 and all(doc["cache"] == "miss" for doc in (sign, bf16, train_mode))
+    assert entry_meta(sign)["sb"]["step"] == "sign" and entry_meta(bf16)["sb"]["accum_dtype"] == "bfloat16"
+
+    reference = entry_tensors(default)
+    for doc in (sign, bf16):  # another step or rounding: other factors, of the same kind
+        tensors = entry_tensors(doc)
+        assert any(not torch.equal(tensors[k], reference[k]) for k in reference)
+        name = next(k for k in reference if k.endswith(".S"))
+        torch.testing.assert_close(tensors[name], reference[name], rtol=0.1, atol=0)
+    # A Llama has no dropout: the train-mode pass gives the same gradient, so the same factors.
+    tensors = entry_tensors(train_mode)
+    assert all(torch.allclose(tensors[k], reference[k], atol=1e-6) for k in reference)
+
+    dry = ["init", tiny_llama_dir, "-r", "4", "--method", "sb", "--data", data, "--samples", "8", "--dry-run"]
+    plans = [
+        invoke_json(*dry, "--max-length", "16", *extra) for extra in ([], ["--sb-accum-dtype", "bfloat16"])
+    ]
+    assert plans[1]["accumulator_bytes"] * 2 == plans[0]["accumulator_bytes"]
+    assert plans[1]["cache"] == "hit" and plans[1]["entry"] == bf16["entry"]
+
+
+def test_train_mode_pass_with_dropout_gives_other_factors_reproducibly(tiny_bert_dir, tmp_path):
+    rows = [
+        {"text": f"item {i} is {'good' if i % 2 else 'bad'}", "label": ["neg", "pos"][i % 2]}
+        for i in range(12)
+    ]
+    cls = write_jsonl(tmp_path / "cls.jsonl", rows)
+
+    def run(*extra):
+        sample = ["--data", cls, "--task", "seq-cls", "--samples", "8", "--max-length", "16"]
+        return invoke_json("init", tiny_bert_dir, "-r", "4", "--method", "sb", *sample, *extra)
+
+    evaluated, trained = entry_tensors(run()), run("--sb-grad-mode", "train")
+    first = entry_tensors(trained)
+    assert all(not torch.allclose(first[k], evaluated[k], atol=1e-4) for k in first if k.endswith(".B"))
+    again = entry_tensors(run("--sb-grad-mode", "train", "--force"))  # recomputed: the same dropout masks
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_train_takes_the_sb_settings_and_the_official_eta(tiny_llama_dir, data, tmp_path):
+    import math
+
+    lr, warmup, epochs, batch = 1e-3, 0.1, 2.0, 4
+    official = lr / (warmup * math.ceil(len(ROWS) / batch) * epochs)  # train_arithmetic.py's eff_lr
+    settings = ["--sb-step", "sign", "--sb-grad-mode", "train", "--sb-accum-dtype", "bfloat16"]
+    sample = ["--max-length", "16", "--batch-size", str(batch), "--sb-lr", repr(official)]
+    made = init_sb(tiny_llama_dir, data, "--samples", "8", *sample, *settings)
+    assert made["sb"]["eta"] == pytest.approx(8.333e-4, rel=1e-3)
+    schedule = ["--lr", str(lr), "--warmup-ratio", str(warmup), "--epochs", str(epochs), "--dry-run"]
+    sample = ["--max-length", "16", "--sb-samples", "8", "--sb-batch-size", str(batch)]
+    train_args = ["train", tiny_llama_dir, "--data", data, "--out", tmp_path / "run", "--method", "sb",
+                  "-r", "4", *sample, *schedule]  # fmt: skip
+    plan = invoke_json(*train_args, "--sb-official-eta", *settings)
+    assert plan["cache"] == f"hit ({made['entry']})"  # the same recipe: same eta, step, mode and dtype
+    assert invoke_json(*train_args, *settings)["cache"].startswith("miss")  # --sb-lr's 3e-4 instead
+
+    no_warmup = [("0" if a == str(warmup) else a) for a in train_args]  # --warmup-ratio 0
+    result = runner.invoke(app, [str(a) for a in no_warmup] + ["--sb-official-eta"])
+    assert result.exit_code == 2, result.output
+    assert "--sb-official-eta needs --warmup-ratio > 0" in result.output and "Traceback" not in result.output

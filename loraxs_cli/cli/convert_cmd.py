@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import typer
 
-from .output import Output, get_output, handle_errors
+from .options import AT_LEAST_ONE, FromOption, ToOption
+from .output import Output, get_output, handle_errors, styled
 from .render import bytes_human
 
 FORMATS_TO = ("peft-lora",)
@@ -16,21 +19,28 @@ def convert(
     ctx: typer.Context,
     src: str = typer.Argument(..., help="The adapter directory to convert."),
     out: str = typer.Option(..., "--out", "-o", help="Directory to write (must not exist without --force)."),
-    to: str | None = typer.Option(None, "--to", help="Export a loraxs adapter: peft-lora (exact)."),
-    from_: str | None = typer.Option(
-        None,
-        "--from",
-        help="Import: peft-lora (projected onto the LoRA-XS factors) or official (LoRA-XS/LoRA-SB, exact).",
-    ),
+    to: ToOption = None,
+    from_: FromOption = None,
     model: str | None = typer.Option(None, "--model", "-m", help="The base model (needed with --from)."),
     rank: int | None = typer.Option(
-        None, "--rank", "-r", help="--from peft-lora: LoRA-XS rank (default: the LoRA's rank)."
+        None,
+        "--rank",
+        "-r",
+        callback=AT_LEAST_ONE,
+        help="--from peft-lora: LoRA-XS rank (default: the LoRA's rank).",
     ),
     pad_rank: int | None = typer.Option(
         None,
         "--pad-rank",
-        help="--to peft-lora: pad to this rank with zeros (vLLM: 8, 16, 32, 64, 128, 256).",
+        callback=AT_LEAST_ONE,
+        help="--to peft-lora: pad to this rank with zeros (the update B A is unchanged).",
     ),
+    method: Annotated[
+        Literal["auto", "xs", "sb"],
+        typer.Option(
+            "--method", help="--from official: xs, sb, or auto (LoRA-SB when A and B are both orthonormal)."
+        ),
+    ] = "auto",
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
     json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
@@ -44,9 +54,8 @@ def convert(
         raise UsageError(f"unknown --to {to!r}: use {', '.join(FORMATS_TO)}")
     if from_ is not None and from_ not in FORMATS_FROM:
         raise UsageError(f"unknown --from {from_!r}: use {', '.join(FORMATS_FROM)}")
-    for name, value in (("--rank", rank), ("--pad-rank", pad_rank)):
-        if value is not None and value <= 0:
-            raise UsageError(f"{name} must be positive, got {value}")
+    if method != "auto" and from_ != "official":
+        raise UsageError("--method is for --from official")
     if to is not None:
         if model or rank:
             raise UsageError("--model and --rank are for --from; an export uses the adapter's own")
@@ -59,21 +68,26 @@ def convert(
     if from_ == "official":
         if rank is not None:
             raise UsageError("--rank is for --from peft-lora; an official checkpoint keeps its own rank")
-        _import_official(output, src, model, out, force)
+        _import_official(output, src, model, out, method, force)
     else:
         _import_peft(output, src, model, out, rank, force)
 
 
 def _export(output: Output, src: str, out: str, pad_rank: int | None, force: bool) -> None:
-    from ..convert import VLLM_RANKS, export_peft
+    from ..convert import export_peft
 
     doc = export_peft(src, out, pad_rank=pad_rank, force=force)
-    if doc["rank"] not in VLLM_RANKS:
-        output.warn(f"rank {doc['rank']} is not one vLLM serves ({VLLM_RANKS}); use --pad-rank")
+    if doc["modules_to_save"]:
+        output.warn(
+            f"the task head ({', '.join(doc['modules_to_save'])}) is under modules_to_save: PEFT loads "
+            "this adapter; vLLM refuses adapters with modules_to_save (its newest releases take only "
+            "classifier/score, on classification models)"
+        )
 
     def render() -> None:
         output.out.print(
-            f"[bold]{out}[/]: PEFT LoRA, rank {doc['rank']}, lora_alpha {doc['lora_alpha']:g}, "
+            styled("[bold]{}[/]: ", out)
+            + f"PEFT LoRA, rank {doc['rank']}, lora_alpha {doc['lora_alpha']:g}, "
             f"{doc['modules']} modules, {doc['params']:,} parameters"
             + (f" + {doc['head_params']:,} in the task head" if doc["head_params"] else "")
             + f", {bytes_human(doc['bytes'])}"
@@ -93,7 +107,7 @@ def _import_peft(output: Output, src: str, model: str, out: str, rank: int | Non
 
         p = output.out.print
         p(
-            f"[bold]{out}[/]: LoRA-XS rank {doc['rank']} from a rank-{doc['lora_rank']} LoRA, "
+            styled("[bold]{}[/]: ", out) + f"LoRA-XS rank {doc['rank']} from a rank-{doc['lora_rank']} LoRA, "
             f"{doc['modules']} modules, {doc['params']:,} parameters; "
             f"retained {doc['retained_energy']:.1%} of ||dW||_F^2"
         )
@@ -110,16 +124,23 @@ def _import_peft(output: Output, src: str, model: str, out: str, rank: int | Non
     output.result(doc, render)
 
 
-def _import_official(output: Output, src: str, model: str, out: str, force: bool) -> None:
+def _import_official(output: Output, src: str, model: str, out: str, method: str, force: bool) -> None:
     from ..convert import import_official
 
-    doc = import_official(src, model, out, force=force)
+    doc = import_official(src, model, out, method=method, force=force)
+    if doc["method"] != doc["method_detected"]:
+        output.warn(
+            f"the factors look like LoRA-{doc['method_detected'].upper()}; "
+            f"recorded as LoRA-{doc['method'].upper()} as --method says"
+        )
 
     def render() -> None:
         output.out.print(
-            f"[bold]{out}[/]: LoRA-{doc['method'].upper()} rank {doc['rank']}, alpha {doc['alpha']:g}, "
+            styled("[bold]{}[/]: ", out)
+            + f"LoRA-{doc['method'].upper()} rank {doc['rank']}, alpha {doc['alpha']:g}, "
             f"{doc['modules']} modules, {doc['params']:,} parameters, factors embedded"
             + (f", task head {', '.join(doc['head'])}" if doc["head"] else "")
+            + (f", {len(doc['labels'])} labels" if doc["labels"] else "")
         )
 
     output.result(doc, render)

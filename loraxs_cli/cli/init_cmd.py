@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import typer
 
-from .output import Output, get_output, handle_errors
+from .options import (
+    AT_LEAST_ONE,
+    EVERY,
+    POSITIVE,
+    SEED,
+    SVD_HELP,  # noqa: F401 - re-exported for train_cmd's --svd help
+    MethodOption,
+    SvdOption,
+    Task,
+    WeightsDtypeOption,
+)
+from .output import Output, get_output, handle_errors, styled
 from .render import bytes_human, energy_table
 
 TARGETS_HELP = (
     "Comma-separated module names, dotted suffixes or globs, or 'all-linear'. Default: per architecture."
 )
+SB_STEP_HELP = "LoRA-SB: adam: dW = -eta G/(|G|+eps). sign: -eta sign(G), the official code's."
+SB_GRAD_MODE_HELP = "LoRA-SB: eval: gradient pass with dropout off. train: dropout on, as the official code."
+SB_ACCUM_HELP = "LoRA-SB: dtype of the gradient sums: float32, or bfloat16 (the official code's on bf16)."
+# LoRA-SB's choices (the core's tables in sb.py stay the authority for library callers).
+SbStep = Literal["adam", "sign"]
+SbGradMode = Literal["eval", "train"]
+SbAccumDtype = Literal["float32", "bfloat16"]
 
 
 @handle_errors
@@ -20,30 +40,52 @@ def init(
         ..., "--rank", "-r", help="Rank r of the factors (adapters use r x r numbers per module)."
     ),
     targets: str | None = typer.Option(None, "--targets", "-t", help=TARGETS_HELP),
-    method: str = typer.Option("xs", "--method", help="xs: SVD of the weights (LoRA-XS). sb: LoRA-SB."),
-    svd: str = typer.Option(
-        "torch", "--svd", help="torch: randomized SVD on --device. sklearn: the paper's TruncatedSVD."
+    method: MethodOption = "xs",
+    svd: SvdOption = "torch",
+    niter: int | None = typer.Option(
+        None,
+        "--niter",
+        callback=EVERY,
+        help="Power iterations of the randomized SVD (default: 4; sklearn: 10).",
     ),
-    niter: int = typer.Option(4, "--niter", help="Power iterations of the randomized SVD."),
-    oversample: int = typer.Option(16, "--oversample", help="Extra random directions (q = r + p)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the SVD's own random generator."),
+    oversample: int | None = typer.Option(
+        None,
+        "--oversample",
+        callback=EVERY,
+        help="Extra random directions, q = r + p (default: 16; sklearn: 10).",
+    ),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        callback=SEED,
+        help="Seed of the SVD's own generator (sklearn: random_state 42 + seed) and the sample.",
+    ),
     device: str | None = typer.Option(
         None, "--device", help="Where the SVD runs: cpu, cuda, cuda:1 (default: cpu)."
     ),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="Read the weights in this dtype: auto (checkpoint's), fp32, bf16, fp16."
-    ),
+    dtype: WeightsDtypeOption = "auto",
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     data: str | None = typer.Option(
         None, "--data", "-d", help="LoRA-SB: training data whose sample gradient sets the factors."
     ),
-    task: str = typer.Option("causal-lm", "--task", help="LoRA-SB: causal-lm, seq-cls or regression."),
-    samples: int = typer.Option(64, "--samples", help="LoRA-SB: examples in the gradient sample."),
-    sb_lr: float = typer.Option(3e-4, "--sb-lr", help="LoRA-SB: eta of the approximated first AdamW step."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="LoRA-SB: batch size of the gradient pass."),
-    max_length: int = typer.Option(512, "--max-length", help="LoRA-SB: tokens per example."),
+    task: Task = typer.Option("causal-lm", "--task", help="LoRA-SB: causal-lm, seq-cls or regression."),
+    samples: int = typer.Option(
+        64, "--samples", callback=AT_LEAST_ONE, help="LoRA-SB: examples in the gradient sample."
+    ),
+    sb_lr: float = typer.Option(
+        3e-4, "--sb-lr", callback=POSITIVE, help="LoRA-SB: eta of the approximated first AdamW step."
+    ),
+    sb_step: SbStep = typer.Option("adam", "--sb-step", help=SB_STEP_HELP),
+    sb_grad_mode: SbGradMode = typer.Option("eval", "--sb-grad-mode", help=SB_GRAD_MODE_HELP),
+    sb_accum_dtype: SbAccumDtype = typer.Option("float32", "--sb-accum-dtype", help=SB_ACCUM_HELP),
+    batch_size: int = typer.Option(
+        8, "--batch-size", "-b", callback=AT_LEAST_ONE, help="LoRA-SB: batch size of the gradient pass."
+    ),
+    max_length: int = typer.Option(
+        512, "--max-length", callback=AT_LEAST_ONE, help="LoRA-SB: tokens per example."
+    ),
     max_grad_memory: str = typer.Option(
-        "2GiB", "--max-grad-memory", help="LoRA-SB: float32 gradient accumulators per pass (more: groups)."
+        "2GiB", "--max-grad-memory", help="LoRA-SB: gradient accumulators per pass (more: groups)."
     ),
     force: bool = typer.Option(False, "--force", help="Recompute even when the cache has the entry."),
     dry_run: bool = typer.Option(
@@ -62,7 +104,7 @@ def init(
         rank=rank,
         targets=parse_targets(targets),
         method=method,
-        svd=SVDSettings(svd, niter, oversample, seed),
+        svd=SVDSettings.for_backend(svd, niter, oversample, seed),
         dtype=dtype,
         device=device,
         revision=revision,
@@ -70,7 +112,7 @@ def init(
     compute = None
     if method == "sb":
         request, compute = _sb_request(request, data, task, samples, sb_lr, batch_size, max_length, seed,
-                                       max_grad_memory)  # fmt: skip
+                                       max_grad_memory, sb_step, sb_grad_mode, sb_accum_dtype)  # fmt: skip
     elif data is not None:
         from ..errors import UsageError
 
@@ -91,7 +133,8 @@ def init(
     _render_entry(out, plan, entry, hit)
 
 
-def _sb_request(request, data, task, samples, sb_lr, batch_size, max_length, seed, max_grad_memory):
+def _sb_request(request, data, task, samples, sb_lr, batch_size, max_length, seed, max_grad_memory,
+                sb_step, sb_grad_mode, sb_accum_dtype):  # fmt: skip
     from ..errors import UsageError
     from ..initialize import SBInit, parse_bytes, sb_request
 
@@ -106,6 +149,9 @@ def _sb_request(request, data, task, samples, sb_lr, batch_size, max_length, see
         max_length=max_length,
         seed=seed,
         max_grad_memory=parse_bytes(max_grad_memory),
+        grad_mode=sb_grad_mode,
+        accum_dtype=sb_accum_dtype,
+        step=sb_step,
     )
     return sb_request(request, sb)
 
@@ -130,15 +176,24 @@ def _render_plan(out: Output, plan, grad_budget: int | None) -> None:
     if grad_budget is not None:
         from ..sb import plan_groups
 
-        groups = plan_groups(base.shapes(plan.targets), grad_budget)
-        shapes = base.shapes(plan.targets)
         doc["sb"] = plan.recipe.extra["sb"]
+        accum = doc["sb"].get("accum_dtype", "float32")
+        item = 2 if accum == "bfloat16" else 4
+        shapes = base.shapes(plan.targets)
+        groups = plan_groups(shapes, grad_budget, item)
         doc["gradient_passes"] = len(groups)
-        doc["accumulator_bytes"] = max(sum(4 * m * n for m, n in (shapes[t] for t in g)) for g in groups)
+        doc["accumulator_bytes"] = max(sum(item * m * n for m, n in (shapes[t] for t in g)) for g in groups)
 
     def render() -> None:
         hit = f"hit ({plan.entry.id})" if plan.entry else "miss: factors would be computed"
-        out.out.print(f"[bold]{base.resolved.spec}[/] ({base.model_type}, {base.total_params:,} parameters)")
+        out.out.print(
+            styled(
+                "[bold]{}[/] ({}, {} parameters)",
+                base.resolved.spec,
+                base.model_type,
+                f"{base.total_params:,}",
+            )
+        )
         out.out.print(f"  cache:    {hit}")
         out.out.print(f"  modules:  {len(plan.targets)} at rank {plan.request.rank}")
         out.out.print(f"  factors:  {bytes_human(plan.factor_bytes)} on disk (float32)")
@@ -148,7 +203,7 @@ def _render_plan(out: Output, plan, grad_budget: int | None) -> None:
             )
             return
         out.out.print(
-            f"  memory:   a training step + {bytes_human(doc['accumulator_bytes'])} of float32 gradient "
+            f"  memory:   a training step + {bytes_human(doc['accumulator_bytes'])} of {accum} gradient "
             f"accumulators ({doc['gradient_passes']} pass(es) over {doc['sb']['samples']} samples)"
         )
 
@@ -184,6 +239,8 @@ def _render_entry(out: Output, plan, entry, hit: bool) -> None:
         of = "dW" if entry.meta["method"] == "sb" else "W"
         energy_table(out.out, modules, rank=rank, r_max=entry.r_max, full=out.verbosity > 0, of=of)
         verb = "served from the cache" if hit else f"computed in {entry.meta.get('seconds', 0):.1f} s"
-        out.out.print(f"{len(modules)} factor pairs at rank {rank} {verb}: [bold]{entry.path}[/]")
+        out.out.print(
+            styled("{} factor pairs at rank {} {}: [bold]{}[/]", len(modules), rank, verb, entry.path)
+        )
 
     out.result(doc, render)
