@@ -15,6 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .fsutil import require_regular_file, write_text_atomic
 from .models import ResolvedModel, weight_files
 from .paths import loraxs_home
 
@@ -23,8 +24,9 @@ CHUNK = 8 << 20
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a regular file (a FIFO or device is refused before it is opened: it would block)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(require_regular_file(path, "weights file"), "rb") as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -36,7 +38,7 @@ def _memo_path() -> Path:
 
 def _cached_file_sha256(path: Path) -> str:
     """sha256 of a weight file, remembered by (path, size, mtime_ns) so it is computed once."""
-    stat = path.stat()
+    stat = require_regular_file(path, "weights file").stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     memo_file = _memo_path()
     memo = _read_memo(memo_file)
@@ -48,9 +50,7 @@ def _cached_file_sha256(path: Path) -> str:
         with FileLock(str(memo_file) + ".lock", timeout=60):
             memo = _read_memo(memo_file)
             memo[key] = value
-            tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
-            os.replace(tmp, memo_file)
+            write_text_atomic(memo_file, json.dumps(memo, indent=0, sort_keys=True))
     except OSError:
         pass  # the memo only saves time; an unwritable home must not stop the command
     return value

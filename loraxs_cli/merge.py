@@ -3,16 +3,16 @@
 Peak memory is about one shard (read, merged, written) plus the adapter's factors: the model is
 never loaded whole. The output keeps the input's shard layout and index, gets the base's config,
 tokenizer and generation files and a model card, and appears only when complete (it is written to
-a temporary sibling directory and renamed at the end).
+a temporary sibling directory and renamed at the end, fsutil.atomic_dir). An --out that is, holds
+or lies inside the base model, the adapter or the factor cache is refused before anything is
+written, with or without --force.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError, IncompatibleError
+from .fsutil import atomic_dir, check_output, raise_if_interrupted
 
 INDEX_FILE = "model.safetensors.index.json"
 CARD_FILE = "README.md"
@@ -80,17 +81,14 @@ def plan_merge(model: str, adapter_dir: str, out: str | Path, *, dtype: str | No
 
     adapter = load_adapter(adapter_dir)
     base = describe_base(model)
-    check_base(adapter, base.fingerprint, model)
-    out = Path(out).expanduser()
-    if out.resolve() == base.resolved.path.resolve():
-        raise BadInputError(f"{out} is the base model's directory: choose another --out")
-    if out.exists() and not force:
-        raise BadInputError(f"{out} exists; pass --force to replace it")
     if base.resolved.gguf_file:
         raise BadInputError(
-            f"{model}: merge streams safetensors shards, not GGUF; save the model with "
-            "save_pretrained() first and merge into that directory"
+            f"{model}: merge writes safetensors shards and needs a safetensors base, not GGUF; dequantize "
+            "the GGUF into a model directory once (from_pretrained with gguf_file=, then from_config + "
+            "load_state_dict, then save_pretrained: README 'GGUF bases') and train on that directory"
         )
+    check_base(adapter, base.fingerprint, model)
+    out = check_output(out, merge_inputs(base.resolved.path, adapter_dir), force=force)
     shards, index = _shards(base.resolved.path, model)
     key_shard: dict[str, str] = {}
     for shard in shards:
@@ -122,6 +120,18 @@ def plan_merge(model: str, adapter_dir: str, out: str | Path, *, dtype: str | No
         factor_bytes=factor_bytes,
         conv1d={m for m in targets if base.modules[m].is_conv1d},
     )
+
+
+def merge_inputs(base_dir: Path, adapter_spec: str | Path) -> dict[str, Path]:
+    """What a merge reads, which its --out may not overlap: the base, the adapter, the factor cache."""
+    from .pack import source_path
+    from .paths import factors_root
+
+    return {
+        "the base model's directory": base_dir,
+        "the adapter": source_path(adapter_spec),
+        "the factor cache": factors_root(),
+    }
 
 
 def _shards(directory: Path, spec: str) -> tuple[list[Path], Path | None]:
@@ -165,18 +175,17 @@ def run_merge(
     on_verify: Callable[[], None] | None = None,
 ) -> dict:
     """Write the merged model; with `verify`, compare its logits to base + adapter before publishing."""
-    from .adapter import _replace_dir, adapter_factors
+    from .adapter import adapter_factors
 
     started = time.perf_counter()
     factors = adapter_factors(plan.adapter)
-    plan.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan.out.parent / f".{plan.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir()
-    try:
+    # Published only when complete, never after Ctrl-C; the temporary goes on any failure.
+    with atomic_dir(plan.out) as tmp:
         total_bytes = 0
         for i, shard in enumerate(plan.shards):
             extra = _added_head(plan) if i == len(plan.shards) - 1 else {}
             total_bytes += _merge_shard(plan, factors, shard, tmp / shard.name, extra)
+            raise_if_interrupted()  # stop at the next shard even if a library swallowed the Ctrl-C
             if on_shard:
                 on_shard(shard.name)
         del factors
@@ -189,10 +198,6 @@ def run_merge(
                 on_verify()
             report["verify"] = verify_merge(plan, tmp)
         (tmp / CARD_FILE).write_text(model_card(plan, report.get("verify")))
-        _replace_dir(tmp, plan.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["out"] = str(plan.out)
     return report
@@ -298,10 +303,12 @@ def _update_config(plan: MergePlan, config_path: Path) -> None:
 
 def model_card(plan: MergePlan, verified: dict | None) -> str:
     cfg = plan.adapter.config
-    base = cfg.base.get("repo_id") or cfg.base.get("spec")
+    from .adapter import card_base_name
+
+    base, local = card_base_name(cfg.base)  # the hub id, else the directory's name: never a local path
     lines = [
         "---",
-        f"base_model: {base}",
+        f"base_model: {base}" + ("  # local model, not a hub id" if local else ""),
         "tags: [loraxs, merged" + (", lora-sb" if cfg.method == "sb" else ", lora-xs") + "]",
         "---",
         "",

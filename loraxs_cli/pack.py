@@ -10,20 +10,23 @@ A member is named `PACK.safetensors::NAME` and is accepted wherever an adapter d
 (`load_adapter` reads it). Each member's sha256 (over its tensors' names, dtypes, shapes and bytes)
 is checked when it is read, so a damaged pack is refused rather than half-used. Reading a member
 touches only its own tensors (safetensors reads lazily).
+
+Member names become directory names (`unpack` writes OUT/NAME), so a name is one plain path
+component (fsutil.safe_name): checked when packing, when an index is read (a hostile or damaged
+index with `../x` or `/etc/x` is refused before anything is written) and when unpacking.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .errors import BadInputError, UsageError
+from .fsutil import atomic_path, check_output, require_regular_file, safe_name
 
 MEMBER_SEPARATOR = "::"
 INDEX_KEY = "loraxs_pack"
@@ -40,10 +43,31 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def valid_member_name(name: object) -> bool:
+    """A member name is one plain path component (it becomes OUT/NAME) without '::', '=' or a
+    leading '__' (the pack's own prefixes)."""
+    try:
+        safe_name(name)
+    except BadInputError:
+        return False
+    assert isinstance(name, str)
+    return MEMBER_SEPARATOR not in name and "=" not in name and not name.startswith("__")
+
+
 def check_name(name: str) -> str:
-    if not name or "/" in name or MEMBER_SEPARATOR in name or name.startswith("__") or "=" in name:
-        raise UsageError(f"{name!r} cannot name a pack member: no '/', '::', '=' or leading '__'")
+    """A member name given on the command line (NAME=DIR, or a directory's name): a usage error."""
+    if not valid_member_name(name):
+        raise UsageError(
+            f"{name!r} cannot name a pack member: one plain name, no '/', '\\', '..', '::', '=', "
+            "control characters or leading '__'"
+        )
     return name
+
+
+def source_path(spec: str | Path) -> Path:
+    """The file or directory an adapter spec reads: PACK for `PACK::NAME`, else the spec itself."""
+    member = split_member(spec)
+    return Path(member[0] if member is not None else spec)
 
 
 def split_member(spec: str | Path) -> tuple[str, str] | None:
@@ -58,6 +82,7 @@ def split_member(spec: str | Path) -> tuple[str, str] | None:
 def read_index(path: str | Path) -> dict:
     from safetensors import SafetensorError, safe_open
 
+    require_regular_file(path, "adapter pack")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -74,6 +99,12 @@ def read_index(path: str | Path) -> dict:
         raise BadInputError(f"{path}: unsupported pack format {version!r}; upgrade loraxs")
     if not _well_formed(index.get("adapters")):
         raise BadInputError(f"{path}: damaged pack index (malformed member entries); pack the adapters again")
+    bad = [name for name in index["adapters"] if not valid_member_name(name)]
+    if bad:
+        raise BadInputError(
+            f"{path}: damaged or hostile pack index: member name {bad[0]!r} is not one plain name "
+            "(it would be written outside --out); nothing was read, pack the adapters again"
+        )
     return index
 
 
@@ -109,11 +140,12 @@ def pack_adapters(named: Sequence[tuple[str, str]], out: str | Path, *, overwrit
 
     from .adapter import load_adapter
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise BadInputError(f"{out} exists; pass --force to replace it")
     if not named:
         raise UsageError("no adapters to pack")
+    for name, _ in named:
+        check_name(name)
+    sources = {f"the adapter {name!r}": source_path(source) for name, source in named}
+    out = check_output(out, sources, force=overwrite)
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for name, source in named:
@@ -129,13 +161,8 @@ def pack_adapters(named: Sequence[tuple[str, str]], out: str | Path, *, overwrit
         entries[name] = {"config": config, "sha256": tensors_sha256(own), "factors": factors_key}
     index = {"format_version": PACK_VERSION, "adapters": entries}
     metadata = {"format": "loraxs-pack", INDEX_KEY: json.dumps(index, separators=(",", ":"))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    try:
+    with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"pack": str(out), "adapters": len(entries), "bytes": out.stat().st_size}
 
 
@@ -159,7 +186,7 @@ def load_members(pack: str | Path, names: Sequence[str]) -> list:
     from safetensors import SafetensorError, safe_open
 
     pack = Path(pack)
-    if not pack.is_file():
+    if not pack.exists():
         raise BadInputError(f"{pack}: no such adapter pack")
     index = read_index(pack)
     for name in names:
@@ -202,7 +229,10 @@ def _read_member(handle, pack: Path, name: str, entry: dict, factor_sets: dict):
 
 
 def unpack(pack: str | Path, out_dir: str | Path, names: Sequence[str] = (), *, overwrite: bool = False):
-    """Write members (all by default) back as adapter directories OUT_DIR/NAME."""
+    """Write members (all by default) back as adapter directories OUT_DIR/NAME.
+
+    Every target is checked before the first is written: a plain name (the index is validated when
+    read), not the pack itself nor around it, and not existing without `overwrite`."""
     from .adapter import save_adapter
 
     available = pack_names(pack)
@@ -210,12 +240,10 @@ def unpack(pack: str | Path, out_dir: str | Path, names: Sequence[str] = (), *, 
     unknown = [n for n in wanted if n not in available]
     if unknown:
         raise BadInputError(f"{pack}: no adapter named {unknown[0]!r} in this pack")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
+    targets = [check_output(out_dir / name, {"the pack": pack}, force=overwrite) for name in wanted]
     written = []
-    for adapter, name in zip(load_members(pack, wanted), wanted, strict=True):
-        target = out_dir / name
-        if target.exists() and not overwrite:
-            raise BadInputError(f"{target} exists; pass --force to replace it")
+    for adapter, target in zip(load_members(pack, wanted), targets, strict=True):
         save_adapter(target, adapter.config, adapter.R, head=adapter.head, factors=adapter.factors)
         written.append(str(target))
     return written

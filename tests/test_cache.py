@@ -232,12 +232,13 @@ def test_cache_ls_rm_verify(tiny_llama_dir, tiny_gpt2_dir):
     assert use.stderr.count("\n") == 1 and f"loraxs cache rm {gpt2['entry']}" in use.stderr
 
     missing = runner.invoke(app, ["cache", "rm", "nope/nothing", "--yes"])
-    assert missing.exit_code == 3 and "no cache entry 'nope/nothing'" in missing.stderr
+    assert missing.exit_code == 3 and "no cache entry or base 'nope/nothing'" in missing.stderr
     removed = runner.invoke(app, ["cache", "rm", gpt2["entry"], "--yes", "--json"])
     assert removed.exit_code == 0, removed.stderr
     assert json.loads(removed.stdout)["removed"] == [gpt2["entry"]]
     assert [e.id for e in FactorCache().entries()] == [llama["entry"]]
     assert not (FactorCache().root / gpt2["entry"].split("/")[0]).exists()  # empty base dir removed
     declined = runner.invoke(app, ["cache", "rm", llama["entry"]], input="n\n")
-    assert declined.exit_code == 1 and FactorCache().get(llama["entry"]) is not None
+    assert declined.exit_code == 0 and FactorCache().get(llama["entry"]) is not None
+    assert declined.stderr.rstrip().endswith("cancelled: nothing removed"), declined.stderr
     assert runner.invoke(app, ["cache", "verify"]).exit_code == 0

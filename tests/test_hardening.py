@@ -94,7 +94,7 @@ CASES = [
     case("eval-adapter-of-another-base", "eval {other_llama} --adapter {adapter} --data {ok}", 4),
     case("merge-adapter-of-another-base", "merge {other_llama} --adapter {adapter} --out {fresh}/m2", 4),
     case("eval-task-does-not-fit-adapter", "eval {llama} --adapter {adapter} --data {cls} --task seq-cls", 4),
-    case("eval-adapter-factors-gone", "eval {llama} --adapter {adapter} --data {ok}", 4, home="empty"),
+    case("eval-adapter-factors-gone", "eval {llama} --adapter {adapter} --data {ok}", 3, home="empty"),
     case("eval-truncated-adapter", "eval {llama} --adapter {adapter_truncated} --data {ok}", 3),
     case("merge-bit-flipped-adapter", "merge {llama} --adapter {adapter_flipped} --out {fresh}/m3", 3),
     case("convert-bit-flipped-adapter", "convert {adapter_flipped} --to peft-lora --out {fresh}/c2", 3),
@@ -331,7 +331,8 @@ def test_failed_commands_leave_no_output_files(outcomes, world):
 def test_unpack_list_needs_no_out_but_unpack_does(world):
     listed = CliRunner().invoke(app, ["unpack", str(world["pack"]), "--list", "--json"])
     assert listed.exit_code == 0, listed.output
-    assert json.loads(listed.stdout)["adapters"] == ["adapter"]
+    # a directory named `adapter` is a run's adapter, named after the directory above it
+    assert json.loads(listed.stdout)["adapters"] == [world["adapter"].parent.name]
     missing_out = CliRunner().invoke(app, ["unpack", str(world["pack"])])
     assert missing_out.exit_code == 2
     assert "--out" in missing_out.output

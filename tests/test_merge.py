@@ -234,7 +234,7 @@ def test_merge_bad_inputs(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
         ((tiny_gpt2_dir, "--adapter", adapter), 4, "trained on base"),  # another base
         ((tiny_llama_dir, "--adapter", tmp_path / "nope"), 3, "no such adapter"),
         ((tmp_path / "missing-model", "--adapter", adapter), 3, "no such model"),
-        ((tiny_llama_dir, "--adapter", adapter, "--dtype", "int3"), 3, "unknown dtype"),
+        ((tiny_llama_dir, "--adapter", adapter, "--dtype", "int3"), 2, "'int3' is not one of"),
         ((tiny_llama_dir, "--adapter", adapter, "--out", tiny_llama_dir), 3, "base model's directory"),
     ]
     for args, code, message in cases:

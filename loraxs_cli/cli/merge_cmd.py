@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from .options import config_option
-from .output import get_output, handle_errors
+from .options import MergeDtypeOption, config_option
+from .output import get_output, handle_errors, styled
 from .render import bytes_human
 
 
@@ -15,9 +15,7 @@ def merge(
     model: str = typer.Argument(..., help="The adapter's base: local directory or Hugging Face model id."),
     adapter: str = typer.Option(..., "--adapter", "-a", help="loraxs adapter directory."),
     out: str = typer.Option(..., "--out", "-o", help="Directory for the merged model (must not exist)."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="Dtype written: auto (each tensor's original dtype), fp32, bf16, fp16."
-    ),
+    dtype: MergeDtypeOption = "auto",
     verify: bool = typer.Option(
         False,
         "--verify",
@@ -39,7 +37,7 @@ def merge(
 
         def render_plan() -> None:
             p = out_.out.print
-            p(f"[bold]merge plan[/] {model} + {adapter} -> {out}")
+            p(styled("[bold]merge plan[/] {} + {} -> {}", model, adapter, out))
             p(
                 f"  shards:      {len(plan.shards)} ({bytes_human(plan.checkpoint_bytes)}, "
                 f"largest {bytes_human(plan.largest_shard_bytes)})"
@@ -68,8 +66,10 @@ def merge(
     def render() -> None:
         p = out_.out.print
         p(
-            f"[bold]{out}[/]: merged {report['merged_modules']} modules into {len(plan.shards)} shard(s), "
-            f"{bytes_human(report['bytes'])} in {report['seconds']:.1f}s"
+            styled("[bold]{}[/]", out),
+            f": merged {report['merged_modules']} modules into {len(plan.shards)} shard(s), "
+            f"{bytes_human(report['bytes'])} in {report['seconds']:.1f}s",
+            sep="",
         )
         if report["head"]:
             p(f"  task head: {', '.join(report['head'])}")

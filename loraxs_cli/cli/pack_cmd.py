@@ -12,7 +12,9 @@ from .output import get_output, handle_errors
 def pack(
     ctx: typer.Context,
     adapters: list[str] = typer.Argument(
-        ..., help="Adapter directories (named by directory name), NAME=DIR, or PACK::NAME members."
+        ...,
+        help="Adapter directories (named by directory name; RUN/adapter and RUN/best by the run's), "
+        "NAME=DIR, or PACK::NAME members.",
     ),
     out_file: str = typer.Option(..., "--out", "-o", help="The pack file to write (.safetensors)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing pack."),
