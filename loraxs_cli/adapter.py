@@ -13,17 +13,15 @@ as a plain LoRA and silently ignore R. Export to PEFT is `loraxs convert --to pe
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .errors import BadInputError, IncompatibleError
+from .errors import BadInputError, DivergedError, IncompatibleError, MissingFactorsError
+from .fsutil import atomic_dir, require_regular_file
 
 CONFIG_FILE = "loraxs_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -128,7 +126,15 @@ def new_config(
             "repo_id": base.resolved.repo_id,
             "commit": base.resolved.commit,
         },
-        factors={"id": entry.id, "sha256": entry.sha256, "r_max": entry.r_max, "method": method},
+        factors={
+            "id": entry.id,
+            "sha256": entry.sha256,
+            "r_max": entry.r_max,
+            "method": method,
+            # how to recompute the entry if it leaves the cache (`recompute_command`)
+            "recipe": {k: v for k, v in (entry.meta.get("recipe") or {}).items() if k != "modules"},
+            "targets": targets_spec(entry.modules, getattr(base, "modules", None)),
+        },
         task=task,
         labels=labels,
         extra=dict(extra or {}),
@@ -162,36 +168,30 @@ def save_adapter(
         raise ValueError(f"no R for {missing[:3]}")
     tensors = {f"{name}.R": R[name].detach().float().cpu().contiguous() for name in config.modules}
     tensors.update({HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in (head or {}).items()})
+    _refuse_non_finite(out, tensors, trained="training" in config.extra)
     flat = _flat_factors(factors)
     config.tensors_sha256 = {WEIGHTS_FILE: tensors_sha256(tensors)}
     if flat is not None:
         config.tensors_sha256[EMBEDDED_FACTORS_FILE] = tensors_sha256(flat)
     metadata = {"format": "loraxs", "method": config.method, "rank": str(config.rank)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, replace=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         if flat is not None:
             save_file(flat, str(tmp / EMBEDDED_FACTORS_FILE), metadata={"format": "loraxs-factors"})
         (tmp / CONFIG_FILE).write_text(config.to_json())
         (tmp / CARD_FILE).write_text(card or default_card(config))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`; an existing target is moved aside first and removed only afterwards."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:6]}"
-    os.rename(target, old)
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+def _refuse_non_finite(out: Path, tensors: dict[str, torch.Tensor], *, trained: bool) -> None:
+    """An adapter holding a NaN or an infinity is never written: from training it diverged (exit 5),
+    from any other source (an import) its input was bad (exit 3)."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            what = f"{key} holds NaN or infinite values; {out} is not written"
+            if trained:
+                raise DivergedError(f"training diverged: {what} (lower --lr)")
+            raise BadInputError(what)
 
 
 def load_adapter(path: str | Path) -> Adapter:
@@ -222,9 +222,13 @@ def load_adapter(path: str | Path) -> Adapter:
         raise BadInputError(f"{config_path}: unreadable adapter config ({error})") from error
     config = AdapterConfig.from_dict(data, str(config_path))
     try:
-        tensors = load_file(str(root / WEIGHTS_FILE))
+        tensors = load_file(str(require_regular_file(root / WEIGHTS_FILE, "adapter weights file")))
         factors_file = root / EMBEDDED_FACTORS_FILE
-        flat_factors = load_file(str(factors_file)) if factors_file.is_file() else None
+        flat_factors = (
+            load_file(str(require_regular_file(factors_file, "factors file")))
+            if factors_file.exists()
+            else None
+        )
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise BadInputError(f"{root}: damaged adapter weights ({error})".splitlines()[0]) from error
     _check_tensors(root, config, WEIGHTS_FILE, tensors)
@@ -303,10 +307,13 @@ def adapter_factors(adapter: Adapter, cache=None) -> dict[str, dict[str, torch.T
     cache = cache or FactorCache()
     entry = cache.get(wanted.get("id", ""))
     if entry is None:
-        raise IncompatibleError(
-            f"the factors of adapter {adapter.path} ({wanted.get('id')}) are not in the factor cache "
-            f"{cache.root}: run `loraxs init {adapter.config.base.get('spec')} --rank {wanted.get('r_max')}` "
-            "with the same recipe, or use an adapter saved with --embed-factors"
+        from .paths import loraxs_home
+
+        raise MissingFactorsError(
+            f"factors {wanted.get('id')} of adapter {adapter.path} are not in the cache "
+            f"(LORAXS_HOME={loraxs_home()}); run `{recompute_command(adapter.config)}` to recompute them "
+            f"(the same recipe gives the same factors{_sb_data_note(adapter.config)}), or use an adapter "
+            "saved with --embed-factors"
         )
     if entry.sha256 != wanted.get("sha256"):
         raise IncompatibleError(
@@ -316,14 +323,108 @@ def adapter_factors(adapter: Adapter, cache=None) -> dict[str, dict[str, torch.T
     return entry.load(rank, adapter.config.modules)
 
 
+def targets_spec(modules: list[str], all_modules=None) -> str:
+    """The shortest `--targets` value that selects exactly `modules` among `all_modules` (the base's
+    linear modules): their last one, two or three name parts, else the full names."""
+    wanted = set(modules)
+    for depth in (1, 2, 3):
+        suffixes = sorted({".".join(m.split(".")[-depth:]) for m in wanted})
+        if (
+            all_modules is not None
+            and {m for m in all_modules if any(m == s or m.endswith("." + s) for s in suffixes)} == wanted
+        ):
+            return ",".join(suffixes)
+    return ",".join(sorted(wanted))
+
+
+_DTYPE_FLAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def recompute_command(config: AdapterConfig) -> str:
+    """The `loraxs init` command that recomputes this adapter's factor set (the recipe it recorded)."""
+    import shlex
+
+    factors = config.factors
+    recipe = factors.get("recipe") or {}
+    spec = config.base.get("repo_id") or config.base.get("spec")
+    words = ["loraxs", "init", shlex.quote(str(spec)), "--rank", str(factors.get("r_max") or config.rank)]
+    words += ["--targets", shlex.quote(factors.get("targets") or ",".join(config.modules))]
+    svd = recipe.get("svd") or {}
+    for key, flag in (
+        ("backend", "--svd"),
+        ("niter", "--niter"),
+        ("oversample", "--oversample"),
+        ("seed", "--seed"),
+    ):
+        if key in svd:
+            words += [flag, str(svd[key])]
+    if recipe.get("weights_dtype"):
+        words += ["--dtype", _DTYPE_FLAGS.get(recipe["weights_dtype"], recipe["weights_dtype"])]
+    sb = (recipe.get("extra") or {}).get("sb")
+    if factors.get("method") == "sb" or sb:
+        # LoRA-SB factors come from a gradient on training data: the same data and settings redo them.
+        sb = sb or {}
+        words += ["--method", "sb", "--data", "DATA", "--task", str(sb.get("task") or config.task)]
+        for key, flag in (("samples", "--samples"), ("eta", "--sb-lr"), ("batch_size", "--batch-size")):
+            if key in sb:
+                words += [flag, str(sb[key])]
+    return " ".join(words)
+
+
+def _sb_data_note(config: AdapterConfig) -> str:
+    sb = ((config.factors.get("recipe") or {}).get("extra") or {}).get("sb")
+    if config.factors.get("method") != "sb" and not sb:
+        return ""
+    sha = str((sb or {}).get("data_sha256", "?"))[:12]
+    return f"; DATA is the training data, sha256 {sha}, or rerun the `loraxs train` that made them"
+
+
+def card_base_name(base: dict) -> tuple[str, bool]:
+    """How a model card names the base: its hub repo id, else the local directory's (or GGUF file's)
+    name, never an absolute local path; the flag says it is a local model."""
+    if base.get("repo_id"):
+        return str(base["repo_id"]), False
+    spec = str(base.get("spec") or "unknown")
+    return Path(spec.rstrip("/\\")).name or spec, True
+
+
+def _describe_data(data: dict) -> str:
+    """The training data in words: `train.jsonl (240 rows, task seq-cls, sha256 0123456789ab)`."""
+    if not isinstance(data, dict):
+        return str(data)
+    name = data.get("file") or Path(str(data.get("path", "?"))).name
+    facts = []
+    if data.get("rows"):
+        facts.append(f"{data['rows']:,} rows")
+    if data.get("examples") is not None and data.get("examples") != data.get("rows"):
+        facts.append(f"{data['examples']:,} examples")
+    if data.get("task"):
+        facts.append(f"task {data['task']}")
+    if data.get("sha256"):
+        facts.append(f"sha256 {str(data['sha256'])[:12]}")
+    text = f"{name} ({', '.join(facts)})" if facts else name
+    if data.get("eval_examples"):
+        where = data.get("eval_data") or f"{data.get('eval_split'):g} of the rows held out"
+        text += f"; evaluated on {data['eval_examples']:,} examples ({where})"
+    return text
+
+
+_METRIC_NOTES = {
+    "steps": "optimizer steps",
+    "train_loss": "training loss of the last step",
+    "eval_examples": "held-out examples",
+    "best_step": "the step of the best evaluation, kept in best/",
+}
+
+
 def default_card(config: AdapterConfig) -> str:
-    base = config.base.get("repo_id") or config.base.get("spec")
+    base, local = card_base_name(config.base)
     params = config.rank * config.rank * len(config.modules)
     metrics = config.extra.get("metrics") or {}
     lines = [
         "---",
         "library_name: loraxs",
-        f"base_model: {base}",
+        f"base_model: {base}" + ("  # local model, not a hub id" if local else ""),
         "tags: [loraxs, lora-xs" + (", lora-sb" if config.method == "sb" else "") + "]",
         "---",
         "",
@@ -334,13 +435,20 @@ def default_card(config: AdapterConfig) -> str:
         f"- trainable numbers: {params:,} ({len(config.modules)} modules x {config.rank}x{config.rank})",
         f"- task: {config.task or 'none'}"
         + (f", labels: {', '.join(config.labels)}" if config.labels else ""),
-        f"- base fingerprint: {config.base.get('fingerprint')}",
+        f"- base model: {base}"
+        + (" (local model)" if local else " (Hugging Face Hub)")
+        + f", fingerprint {config.base.get('fingerprint')}",
         f"- factor set: {config.factors.get('id')} (sha256 {str(config.factors.get('sha256'))[:12]})",
     ]
     if config.extra.get("data"):
-        lines.append(f"- training data: {config.extra['data']}")
+        lines.append(f"- training data: {_describe_data(config.extra['data'])}")
     if metrics:
-        lines += ["", "## Metrics", "", *[f"- {k}: {v}" for k, v in metrics.items()]]
+        lines += ["", "## Metrics", ""]
+        for key, value in metrics.items():
+            note = _METRIC_NOTES.get(key) or (
+                f"{key.removeprefix('eval_')} on the held-out data" if key.startswith("eval_") else None
+            )
+            lines.append(f"- {key}: {value}" + (f" ({note})" if note else ""))
     lines += [
         "",
         "This directory is not a PEFT LoRA: load it with `loraxs`, or export it with",

@@ -32,6 +32,11 @@ class BadInputError(LoraxsError):
     exit_code = EXIT_BAD_INPUT
 
 
+class MissingFactorsError(BadInputError):
+    """An adapter's frozen factors are neither embedded nor in the factor cache (exit 3, bad input):
+    the adapter is fine, its factors must be recomputed (`loraxs init`, same recipe) or embedded."""
+
+
 class IncompatibleError(LoraxsError):
     """An adapter, base model and factor set that do not belong together."""
 

@@ -35,6 +35,8 @@ __all__ = [
     "estimate",
     "find_preset",
     "human_bytes",
+    "preset_names",
+    "unknown_preset_message",
 ]
 
 
@@ -401,3 +403,20 @@ def find_preset(name: str) -> Preset | None:
     if key.count("/") == 1 and not key.startswith((".", "/")):
         return table.get(key.split("/", 1)[1])
     return None
+
+
+def preset_names() -> list[str]:
+    """The names `inspect` accepts for the built-in presets, in table order."""
+    return list(PRESETS)
+
+
+def unknown_preset_message(name: str) -> str:
+    """One line for a name that is neither a path, a cached hub model nor a preset."""
+    import difflib
+
+    close = difflib.get_close_matches(_norm(name), preset_names(), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return (
+        f"{name}: no such model directory, preset or cached Hugging Face model; {hint}"
+        f"presets: {', '.join(preset_names())}"
+    )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, Example, collate
+from .devices import parse_device
 
 # The last number in a text, or what follows a "####" marker (GSM8K style) when there is one.
 MARKER_PATTERN = r"####\s*(-?[\d,]*\.?\d+)"
@@ -32,6 +33,20 @@ def is_better(metric: str, value: float, best: float | None) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(value)
     return value > best if metric in HIGHER_IS_BETTER else value < best
+
+
+def improves(metric: str, metrics: dict, best: dict | None) -> bool:
+    """Whether eval `metrics` beat the kept `best` (a dict with "value" and "metrics"): by `metric`;
+    on a tie, the lower eval loss wins; on a tie of both, the later evaluation (it trained longer)."""
+    value, previous = metrics[metric], None if best is None else best["value"]
+    if is_better(metric, value, previous):
+        return True
+    if previous is None or value != previous:
+        return False
+    loss, best_loss = metrics.get("loss"), (best.get("metrics") or {}).get("loss")
+    if metric != "loss" and loss is not None and best_loss is not None and loss != best_loss:
+        return loss < best_loss
+    return True
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
@@ -214,7 +229,7 @@ class EvalRequest:
     model: str
     data: str
     adapters: list[str] = field(default_factory=list)
-    task: str | None = None  # default: the adapters' task, else causal-lm
+    task: str | None = None  # default: the adapters' task, else inferred from the rows (tasks.py)
     batch_size: int = 16
     max_length: int = 512
     generate: bool = False
@@ -233,18 +248,20 @@ def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
     from .initialize import describe_base
     from .layer import remove
     from .models import backbone, head_kwargs, load_model, load_tokenizer
+    from .tasks import check_architecture
 
     base = describe_base(request.model, dtype=request.dtype)
     adapters = [load_adapter(path) for path in request.adapters]
     for adapter in adapters:
         check_base(adapter, base.fingerprint, request.model)
-    task = _eval_task(request, adapters)
     rows = datamod.read_rows(request.data)[: request.limit or None]
+    task = _eval_task(request, adapters, rows)
+    check_architecture(task, base.config, request.model)
     labels = next((a.config.labels for a in adapters if a.config.labels), None) or datamod.label_names(
         rows, task
     )
     tokenizer = load_tokenizer(base.resolved)
-    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(request.device)
     torch.manual_seed(request.seed)  # the untrained head of a base-model classification run
     model = load_model(base.resolved, dtype=request.dtype, **head_kwargs(task, labels)).to(device)
     if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
@@ -287,23 +304,34 @@ def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
     return results
 
 
-def _eval_task(request: EvalRequest, adapters) -> str:
-    from . import data as datamod
+def _eval_task(request: EvalRequest, adapters, rows) -> str:
+    """--task, else the adapters' task, else the one the rows are shaped for; checked against the rows."""
     from .errors import IncompatibleError
+    from .tasks import resolve_task
 
     tasks = {a.config.task for a in adapters if a.config.task}
     if len(tasks) > 1:
         raise IncompatibleError(f"the adapters were trained for different tasks ({', '.join(sorted(tasks))})")
-    task = request.task or (tasks.pop() if tasks else "causal-lm")
-    if adapters and adapters[0].config.task and task != adapters[0].config.task:
-        raise IncompatibleError(f"--task {task} does not match the adapter's task {adapters[0].config.task}")
-    return datamod.check_task(task)
+    trained = next(iter(tasks), None)
+    if request.task and trained and request.task != trained:
+        raise IncompatibleError(f"--task {request.task} does not match the adapter's task {trained}")
+    return resolve_task(request.task or trained, rows, request.data)[0]
+
+
+def _generation_prompts(request: EvalRequest, rows, tokenizer) -> list[str]:
+    """Each row's prompt; one that with --max-new-tokens passes the model's positions is bad input."""
+    from . import data as datamod
+
+    prompts = [datamod.prompt_text(row, tokenizer) for row in rows]
+    for row, prompt in zip(rows, prompts, strict=True):
+        datamod.check_generation_fits(row, prompt, tokenizer, request.max_new_tokens)
+    return prompts
 
 
 def _generation_measure(request: EvalRequest, rows, tokenizer):
     from . import data as datamod
 
-    prompts = [datamod.prompt_text(row, tokenizer) for row in rows]
+    prompts = _generation_prompts(request, rows, tokenizer)
     references = [datamod.reference_answer(row) for row in rows]
 
     def measure(model, device, on_batch) -> dict:
@@ -391,7 +419,7 @@ def _stacked_measure(request: EvalRequest, rows, tokenizer, task: str):
     from . import data as datamod
     from .generate import generate_batched
 
-    prompts = [datamod.prompt_text(row, tokenizer) for row in rows]
+    prompts = _generation_prompts(request, rows, tokenizer)
     references = [datamod.reference_answer(row) for row in rows]
 
     def run(model, multi, device, on_batch) -> list[dict]:

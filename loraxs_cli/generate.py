@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import BadInputError, UsageError
+from .devices import parse_device
+from .errors import BadInputError, IncompatibleError, UsageError
+from .paths import split_name
+
+# What `loraxs train` writes in a run directory: such an adapter is named after the run.
+RUN_ADAPTER_DIRS = ("adapter", "best")
 
 
 @dataclass
@@ -31,35 +36,76 @@ class GenerateRequest:
     dtype: str = "auto"
 
 
+def default_name(source: str) -> str:
+    """The name of an adapter given without NAME=: a pack member's member name, else the directory's
+    name, except a run's `adapter/` or `best/` (runs/alice/adapter -> alice)."""
+    from .pack import MEMBER_SEPARATOR
+
+    if MEMBER_SEPARATOR in source:
+        return source.rpartition(MEMBER_SEPARATOR)[2]
+    path = Path(source)
+    if path.name in RUN_ADAPTER_DIRS and path.parent.name not in ("", ".", ".."):
+        return path.parent.name
+    if path.name in RUN_ADAPTER_DIRS:  # ./adapter: the run is the current directory
+        return path.resolve().parent.name
+    return path.name
+
+
 def parse_adapter_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """(name, source) for each spec. NAME=SOURCE names it; a directory is named by its last
-    component, a pack member by its member name; a pack file alone stands for all its members."""
+    """(name, source) for each spec. NAME=SOURCE names it; otherwise see default_name; a pack file
+    alone stands for all its members. Two adapters with one name are refused, naming both."""
     from .pack import MEMBER_SEPARATOR, is_pack_file, pack_names
 
     named: list[tuple[str, str]] = []
     for spec in specs:
-        name, eq, source = spec.partition("=")
-        if not eq:
-            name, source = "", spec
-        if not eq and is_pack_file(source):
+        name, source = split_name(spec)  # NAME=DIR, unless the whole spec is a path
+        if name is None and is_pack_file(source):
             named += [(member, f"{source}{MEMBER_SEPARATOR}{member}") for member in pack_names(source)]
             continue
-        if not name:
-            name = source.rpartition(MEMBER_SEPARATOR)[2] if MEMBER_SEPARATOR in source else Path(source).name
-        named.append((name, source))
-    seen: set[str] = set()
+        named.append((name or default_name(source), source))
+    seen: dict[str, str] = {}
     for name, source in named:
         if not name:
             raise UsageError(f"adapter {source!r} has no name: use NAME={source}")
         if name in seen:
-            raise UsageError(f"two adapters are named {name!r}: name them apart with NAME=DIR")
-        seen.add(name)
+            raise UsageError(
+                f"two adapters are named {name!r} ({seen[name]} and {source}): "
+                f"name them apart with NAME=DIR, e.g. {name}-2={source}"
+            )
+        seen[name] = source
     return named
 
 
-def read_prompts(path: str, tokenizer, names: Sequence[str]) -> list[tuple[int | None, str]]:
-    """(adapter index or None, prompt text) per row; an unknown adapter name is an error at its line."""
-    from .data import prompt_text, read_rows
+def generate_inputs(request: GenerateRequest) -> dict[str, Path]:
+    """What `generate` reads, which its --out may not overlap: the prompts, the model (a local one),
+    every adapter directory or pack, and the factor cache."""
+    from .pack import source_path
+    from .paths import factors_root
+
+    inputs = {"the prompts file": Path(request.prompts), "the model": Path(request.model)}
+    for name, source in parse_adapter_specs(request.adapters):
+        inputs[f"the adapter {name!r}"] = source_path(source)
+    inputs["the factor cache"] = factors_root()
+    return inputs
+
+
+def require_causal_lm(names: Sequence[str], adapters: Sequence) -> None:
+    """Generation needs causal-LM adapters: a classifier or regressor adapter is refused (exit 4)."""
+    for name, adapter in zip(names, adapters, strict=True):
+        task = adapter.config.task
+        if task not in (None, "causal-lm") or adapter.config.head:
+            raise IncompatibleError(
+                f"adapter {name!r} ({adapter.path}) is a {task or 'task-head'} adapter: generation "
+                "needs a causal-lm adapter; measure it with `loraxs eval` instead"
+            )
+
+
+def read_prompts(
+    path: str, tokenizer, names: Sequence[str], max_new_tokens: int | None = None
+) -> list[tuple[int | None, str]]:
+    """(adapter index or None, prompt text) per row; an unknown adapter name, or a prompt that with
+    `max_new_tokens` passes the model's positions, is an error at its line."""
+    from .data import check_generation_fits, prompt_text, read_rows
 
     position = {name: i for i, name in enumerate(names)}
     prompts = []
@@ -72,7 +118,10 @@ def read_prompts(path: str, tokenizer, names: Sequence[str]) -> list[tuple[int |
             raise BadInputError(
                 f"{row.where}: adapter {wanted!r} was not loaded (loaded: {known}); add it with --adapters"
             )
-        prompts.append((None if wanted is None else position[wanted], prompt_text(row, tokenizer)))
+        prompt = prompt_text(row, tokenizer)
+        if max_new_tokens is not None:
+            check_generation_fits(row, prompt, tokenizer, max_new_tokens)
+        prompts.append((None if wanted is None else position[wanted], prompt))
     return prompts
 
 
@@ -143,9 +192,11 @@ def load_named(specs: Sequence[str], base) -> tuple[list[str], list]:
         for name, adapter in zip(names, load_members(pack, names), strict=True)
     }
     adapters = [loaded.get(source) or load_adapter(source) for _, source in named]
+    names = [name for name, _ in named]
+    require_causal_lm(names, adapters)
     for adapter in adapters:
         check_base(adapter, base.fingerprint, base.resolved.spec)
-    return [name for name, _ in named], adapters
+    return names, adapters
 
 
 def run_generate(
@@ -164,10 +215,10 @@ def run_generate(
     base = describe_base(request.model, dtype=request.dtype)
     names, adapters = load_named(request.adapters, base)
     tokenizer = load_tokenizer(base.resolved)
-    prompts = read_prompts(request.prompts, tokenizer, names)
+    prompts = read_prompts(request.prompts, tokenizer, names, request.max_new_tokens)
     if on_start:
         on_start(len(prompts))
-    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(request.device)
     model = load_model(base.resolved, head="causal-lm", dtype=request.dtype).to(device)
     torch.manual_seed(request.seed)
     groups = group_by_factors(adapters) or [[]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import pickle
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoke
 
 # Default targets per architecture (short names, matched against the last name components).
 _LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The paper's GLUE setup: query, value, attention output dense and intermediate (fc1).
-_BERT_LIKE = ("query", "value", "attention.output.dense", "intermediate.dense")
+# The official LoRA-XS and LoRA-SB GLUE code (main_glue.py; models.py create_peft_model): query, value,
+# the attention output and the FFN output `layer.N.output.dense` (a suffix that also matches
+# `attention.output.dense`, as in PEFT). The LoRA-XS paper's appendix says "FC_1"; its code does not.
+_BERT_LIKE = ("query", "value", "attention.output.dense", "output.dense")
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(
         ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"),
@@ -106,7 +109,7 @@ def resolve_config_only(spec: str, revision: str | None = None) -> ResolvedModel
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":
         return ResolvedModel(spec, "dir", path.resolve().parent)
-    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
         return _resolve_hub(spec, revision, patterns=("config.json",))
     return resolve_model(spec, revision)
 
@@ -116,7 +119,8 @@ def _resolve_hub(
 ) -> ResolvedModel:
     """Resolve a hub id through huggingface_hub's cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
 
-    The local cache is tried first so that a cached model never waits on the network.
+    The local cache is tried first so that a cached model never waits on the network. A failure
+    says why (offline, unreachable, gated, private or unknown id, unknown revision) and what to do.
     """
     from huggingface_hub import snapshot_download
 
@@ -132,21 +136,69 @@ def _resolve_hub(
         folder = download(local_only=True)
     except Exception as cached_error:
         if _hub_offline():
-            raise BadInputError(
-                f"{repo_id}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                "download it first or pass a local directory"
-            ) from cached_error
+            raise BadInputError(hub_problem(repo_id, revision, cached_error, offline=True)) from cached_error
         try:
             folder = download(local_only=False)
         except Exception as error:
-            raise BadInputError(
-                f"{repo_id}: not a local path, not in the Hugging Face cache, and the hub "
-                f"could not provide it ({type(error).__name__})"
-            ) from error
+            raise BadInputError(hub_problem(repo_id, revision, error)) from error
     folder_path = Path(folder)
     if not (folder_path / "config.json").is_file():
         raise BadInputError(f"{repo_id}: the cached snapshot has no config.json")
     return ResolvedModel(repo_id, "hub", folder_path, repo_id=repo_id, commit=folder_path.name)
+
+
+def hub_problem(repo_id: str, revision: str | None, error: Exception, *, offline: bool = False) -> str:
+    """One line for a hub id that huggingface_hub could not provide: the reason and the remedy.
+
+    Maps huggingface_hub's exception types; `offline` means HF_HUB_OFFLINE is set.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f" at revision {revision!r}" if revision else ""
+    download = f"download it with `hf download {repo_id}{f' --revision {revision}' if revision else ''}`"
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, GatedRepoError):
+        return (
+            f"{repo_id} is a gated model: accept its conditions on its Hugging Face page, "
+            "then log in with `hf auth login` (or set HF_TOKEN)"
+        )
+    if isinstance(error, RepositoryNotFoundError) or status == 401:
+        return (
+            f"{repo_id}: no such model on the Hugging Face Hub; check the id "
+            "(a private model needs `hf auth login` or HF_TOKEN)"
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return f"{repo_id}: no revision {revision!r} on the Hugging Face Hub; check --revision"
+    if isinstance(error, IncompleteSnapshotError):
+        return (
+            f"{repo_id}: the cached copy{at} is incomplete and the Hub cannot be reached; "
+            f"{download} again, or pass a local directory"
+        )
+    if offline or isinstance(error.__cause__, OfflineModeIsEnabled):
+        return (
+            f"{repo_id}: not in the Hugging Face cache{at} and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE "
+            f"to let it download, {download}, or pass a local directory (cache: {constants.HF_HUB_CACHE})"
+        )
+    if isinstance(error, LocalEntryNotFoundError):  # huggingface_hub's answer to a network failure
+        cause = f" ({type(error.__cause__).__name__})" if error.__cause__ is not None else ""
+        return (
+            f"{repo_id}: not in the Hugging Face cache{at} and the Hub cannot be reached{cause}; check "
+            f"the network or proxy, {download} on a machine that can and set HF_HUB_OFFLINE=1, "
+            "or pass a local directory"
+        )
+    if isinstance(error, HfHubHTTPError):
+        return f"{repo_id}: the Hugging Face Hub answered HTTP {status}; try again later, or pass a directory"
+    reason = f"{type(error).__name__}: {error}".splitlines()[0]
+    return f"{repo_id}: the Hugging Face Hub could not provide it ({reason}); pass a local directory instead"
 
 
 def weight_files(resolved: ResolvedModel) -> list[Path]:
@@ -255,6 +307,11 @@ def load_model(
         model = classes[head].from_pretrained(str(resolved.path), **load_kwargs)
     except SafetensorError as error:  # a truncated or damaged weights file
         raise BadInputError(f"{resolved.spec}: damaged weights file ({error})".splitlines()[0]) from error
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a .bin: never unpickled
+        raise BadInputError(
+            f"{resolved.spec}: a .bin weights file is a pickle holding more than plain tensors "
+            "(it could run code); not loaded; use safetensors weights"
+        ) from None
     except ImportError as error:
         raise BadInputError(f"{resolved.spec}: {error}".splitlines()[0]) from error
     except (OSError, ValueError, KeyError) as error:
@@ -389,7 +446,27 @@ def load_tokenizer(resolved: ResolvedModel):
         raise BadInputError(f"{resolved.spec}: cannot load its tokenizer ({error})".splitlines()[0]) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    limit = position_limit(load_config(resolved))
+    if limit is not None:  # data.encode cuts examples here: a longer one would index past the positions
+        tokenizer.model_max_length = limit
     return tokenizer
+
+
+# Models whose position ids start after the padding index: max_position_embeddings - (pad + 1) usable.
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                            "roberta-prelayernorm", "mpnet", "longformer", "ibert", "xmod")  # fmt: skip
+
+
+def position_limit(config) -> int | None:
+    """The most tokens a model takes in one sequence, from its config (max_position_embeddings,
+    n_positions), or None when it declares none."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if getattr(config, "model_type", None) in PADDING_OFFSET_POSITIONS:
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return value if value > 0 else None
+    return None
 
 
 def head_kwargs(task: str, labels: list[str] | None) -> dict:

@@ -27,7 +27,7 @@ from loraxs_cli.adapter import (
 )
 from loraxs_cli.cache import FactorCache
 from loraxs_cli.cli.app import app
-from loraxs_cli.errors import BadInputError, IncompatibleError
+from loraxs_cli.errors import BadInputError, IncompatibleError, MissingFactorsError
 from loraxs_cli.initialize import FactorRequest, ensure_factors, plan_factors
 
 runner = CliRunner()
@@ -75,7 +75,9 @@ def test_roundtrip(trained, tmp_path):
     assert (
         config.base["fingerprint"] == plan.base.fingerprint and config.base["spec"] == plan.base.resolved.spec
     )
-    assert config.factors == {"id": entry.id, "sha256": entry.sha256, "r_max": RANK, "method": "xs"}
+    identity = {k: config.factors[k] for k in ("id", "sha256", "r_max", "method")}
+    assert identity == {"id": entry.id, "sha256": entry.sha256, "r_max": RANK, "method": "xs"}
+    assert config.factors["recipe"]["svd"] == entry.meta["recipe"]["svd"]  # to recompute a lost entry
     assert config.extra == {"data": "train.jsonl"} and config.head == ["score.weight"]
     assert set(adapter.R) == set(R)
     for name, value in R.items():
@@ -112,7 +114,8 @@ def test_embedded_factors_make_the_adapter_self_contained(trained, tmp_path):
     assert set(own) == set(plan.targets)
     for name, parts in from_cache.items():
         assert torch.equal(own[name]["A"], parts["A"]) and torch.equal(own[name]["B"], parts["B"])
-    with pytest.raises(IncompatibleError, match=rf"not in the factor cache.*loraxs init .* --rank {RANK}"):
+    missing = rf"not in the cache \(LORAXS_HOME=.*loraxs init .* --rank {RANK}"
+    with pytest.raises(MissingFactorsError, match=missing):
         adapter_factors(load_adapter(plain))
 
 

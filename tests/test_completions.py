@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,3 +34,71 @@ def test_completion_answers_subcommands():
     code = "import sys; sys.argv[0] = 'loraxs'; from loraxs_cli.cli.app import main; main()"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout
     assert "cache" in out.split()
+
+
+def _complete(words: str, shell: str = "bash", env: dict | None = None) -> subprocess.CompletedProcess:
+    """What the app answers a shell asking to complete `words` (the last word is being typed)."""
+    code = "import sys; sys.argv[0] = 'loraxs'; from loraxs_cli.cli.app import main; main()"
+    variables = {"_LORAXS_COMPLETE": f"complete_{shell}"}
+    if shell == "bash":
+        variables |= {"COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
+    else:  # fish asks twice: is there anything to offer (else it completes paths), and what
+        variables |= {"_TYPER_COMPLETE_ARGS": words, "_TYPER_COMPLETE_FISH_ACTION": shell.split("-", 1)[1]}
+        variables["_LORAXS_COMPLETE"] = "complete_fish"
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **variables, **(env or {})},
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "words, expected",
+    [
+        ("loraxs eval m --data d --task ", ["causal-lm", "seq-cls", "regression"]),
+        ("loraxs init m --method ", ["xs", "sb"]),
+        ("loraxs init m --svd sk", ["sklearn"]),
+        ("loraxs train m --dtype b", ["bf16"]),
+        ("loraxs train m --schedule ", ["linear", "cosine", "constant"]),
+        ("loraxs convert a --to ", ["peft-lora"]),
+        ("loraxs convert a --from ", ["peft-lora", "official"]),
+        ("loraxs inspect rob", ["roberta-large", "roberta-base"]),
+        (
+            "loraxs inspect ",
+            ["gpt3-175b", "roberta-large", "roberta-base", "mistral-7b", "gemma-7b", "llama-2-7b"],
+        ),
+    ],
+)
+def test_choice_values_and_presets_complete(words, expected):
+    assert _complete(words).stdout.split() == expected
+
+
+def test_fish_completes_paths_where_paths_go_and_values_where_values_go():
+    for words in ("loraxs train m --data ", "loraxs init ./", "loraxs pack runs/", "loraxs inspect ./"):
+        # exit 1: nothing of ours to offer, so fish's own file completion applies (the script's condition)
+        assert _complete(words, "fish-is-args").returncode == 1, words
+    assert _complete("loraxs eval m --task ", "fish-is-args").returncode == 0
+    assert _complete("loraxs eval m --task ", "fish-get-args").stdout.split() == [
+        "causal-lm",
+        "seq-cls",
+        "regression",
+    ]
+    script = (COMPLETIONS / "loraxs.fish").read_text()
+    assert "_TYPER_COMPLETE_FISH_ACTION=is-args" in script and "--condition" in script
+
+
+def test_cache_rm_completes_ids_and_bases(tiny_llama_dir, loraxs_home):
+    from typer.testing import CliRunner
+
+    from loraxs_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["init", str(tiny_llama_dir), "-r", "2", "--json"])
+    assert result.exit_code == 0, result.stderr
+    entry = json.loads(result.stdout)["entry"]
+    base_dir = entry.split("/")[0]
+    answer = _complete("loraxs cache rm ", env={"LORAXS_HOME": str(loraxs_home)}).stdout.split()
+    assert answer == [tiny_llama_dir.name, base_dir, entry]
+    assert _complete(
+        f"loraxs cache rm {base_dir}/", env={"LORAXS_HOME": str(loraxs_home)}
+    ).stdout.split() == [entry]

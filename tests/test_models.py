@@ -112,6 +112,132 @@ def test_hub_id_not_cached_while_offline(hf_home):
         resolve_model("org/absent")
 
 
+def _one_line(result, code: int, *fragments: str) -> str:
+    exit_code = result.returncode if hasattr(result, "returncode") else result.exit_code
+    assert exit_code == code, (exit_code, result.stderr)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+    return result.stderr
+
+
+@pytest.mark.parametrize("command", [["init", "org/absent", "-r", "4"], ["inspect", "org/absent"]])
+def test_hub_id_not_cached_while_offline_says_what_to_do(hf_home, tiny_llama_dir, command):
+    from typer.testing import CliRunner
+
+    from loraxs_cli.cli.app import app
+
+    hub_snapshot(hf_home, tiny_llama_dir)  # the cache holds another model
+    result = CliRunner().invoke(app, command)
+    stderr = _one_line(result, 3, "org/absent: not in the Hugging Face cache", "HF_HUB_OFFLINE is set")
+    for fragment in ("unset HF_HUB_OFFLINE", "`hf download org/absent`", "pass a local directory"):
+        assert fragment in stderr
+    assert str(hf_home / "hub") in stderr
+    assert "LocalEntryNotFoundError" not in stderr
+
+
+def test_hub_cache_env_offline_in_a_real_process(tmp_path, tiny_llama_dir):
+    """HF_HUB_CACHE and HF_HUB_OFFLINE as a user sets them: the cached id resolves, another is explained."""
+    hub_snapshot(tmp_path / "hf", tiny_llama_dir)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HOME", None)
+
+    def loraxs(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "loraxs_cli", *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+    cached = loraxs("init", "org/tiny", "-r", "4", "--dry-run", "--json")
+    assert cached.returncode == 0, cached.stderr
+    other = loraxs("init", "org/other", "-r", "4", "--revision", "v2")
+    stderr = _one_line(other, 3, "org/other: not in the Hugging Face cache at revision 'v2'")
+    assert "HF_HUB_OFFLINE is set" in stderr and "`hf download org/other --revision v2`" in stderr
+    assert str(tmp_path / "hf" / "hub") in stderr
+
+
+def _hub_errors() -> dict:
+    """huggingface_hub's own exception types, as snapshot_download raises them."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    def response(status: int):
+        return httpx2.Response(status, request=httpx2.Request("GET", "https://hub.invalid/api/models/org/m"))
+
+    def unreachable():
+        try:
+            raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+        except httpx2.ConnectError as cause:
+            try:
+                raise LocalEntryNotFoundError("An error happened while trying to locate the files") from cause
+            except LocalEntryNotFoundError as error:
+                return error
+
+    return {
+        "gated": GatedRepoError("403 gated", response=response(403)),
+        "not-found": RepositoryNotFoundError("404 not found", response=response(404)),
+        "unauthorized": HfHubHTTPError("401", response=response(401)),
+        "revision": RevisionNotFoundError("404 revision", response=response(404)),
+        "unreachable": unreachable(),
+        "incomplete": IncompleteSnapshotError("incomplete snapshot", snapshot_path="/x"),
+        "server": HfHubHTTPError("500", response=response(500)),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind, fragments",
+    [
+        ("gated", ["org/m is a gated model", "accept its conditions", "`hf auth login`"]),
+        ("not-found", ["org/m: no such model on the Hugging Face Hub; check the id", "`hf auth login`"]),
+        ("unauthorized", ["no such model on the Hugging Face Hub; check the id", "private"]),
+        ("revision", ["org/m: no revision 'v9' on the Hugging Face Hub; check --revision"]),
+        ("unreachable", ["the Hub cannot be reached (ConnectError)", "HF_HUB_OFFLINE=1", "local directory"]),
+        ("incomplete", ["the cached copy at revision 'v9' is incomplete", "hf download org/m --revision v9"]),
+        ("server", ["the Hugging Face Hub answered HTTP 500; try again later"]),
+    ],
+)
+def test_hub_failures_say_why_and_what_to_do(kind, fragments, monkeypatch):
+    """Online (HF_HUB_OFFLINE unset): the cache misses, then the hub call fails with its own type."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from typer.testing import CliRunner
+
+    from loraxs_cli.cli.app import app
+
+    error = _hub_errors()[kind]
+    calls = []
+
+    def snapshot_download(repo_id, *, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        if local_files_only:
+            raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder")
+        raise error
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    result = CliRunner().invoke(app, ["init", "org/m", "-r", "4", "--revision", "v9"])
+    stderr = _one_line(result, 3, *fragments)
+    assert "LocalEntryNotFoundError" not in stderr and type(error).__name__ not in stderr
+    assert calls == [True, False], calls  # the cache first, then the hub
+
+
+def test_unknown_preset_lists_the_presets():
+    from typer.testing import CliRunner
+
+    from loraxs_cli.cli.app import app
+    from loraxs_cli.estimate import preset_names
+
+    result = CliRunner().invoke(app, ["inspect", "gpt3-17b"])
+    stderr = _one_line(result, 3, "gpt3-17b: no such model directory, preset", "did you mean gpt3-175b?")
+    assert all(name in stderr for name in preset_names())
+    assert "LocalEntryNotFoundError" not in stderr
+
+
 def test_hub_cache_through_the_cli_honours_hf_home(tmp_path, tiny_llama_dir):
     """A real process: HF_HOME and HF_HUB_OFFLINE from the environment, nothing patched."""
     home = tmp_path / "hf"
@@ -153,15 +279,17 @@ def test_default_targets_bert():
     modules = linear_modules(tiny_bert(vocab_size=64))
     names = match_targets(modules, None, "bert")
     suffixes = {n.split(".", 3)[-1] for n in names}
+    # The official LoRA-XS / LoRA-SB GLUE targets: the attention output and the FFN output (fc2).
     assert suffixes == {
         "attention.self.query",
         "attention.self.value",
         "attention.output.dense",
-        "intermediate.dense",
+        "output.dense",
     }
     assert len(names) == 2 * 4
-    # Not the key, not the layer's output.dense, not the pooler or the classifier.
-    assert not any(n.endswith(("key", "layer.0.output.dense", "pooler.dense")) for n in names)
+    assert "encoder.layer.0.output.dense" in names and "encoder.layer.0.attention.output.dense" in names
+    # Not the key, not the FFN input (intermediate.dense), not the pooler or the classifier.
+    assert not any(n.endswith(("key", "intermediate.dense", "pooler.dense")) for n in names)
     assert "classifier" not in " ".join(modules)
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
+from ..errors import EXIT_INTERRUPTED
 from . import (
     cache_cmd,
     convert_cmd,
@@ -16,13 +22,47 @@ from . import (
     pack_cmd,
     train_cmd,
 )
-from .output import Output
+from .output import Output, print_error, quiet_library_progress, reserve_standard_streams, usage_line
+
+
+class LoraxsGroup(TyperGroup):
+    """The root command. Usage errors (unknown option, missing argument, bad or unknown choice) are
+    one line on stderr and exit 2, like every other error, instead of click's usage panel.
+
+    Runs typer's main with standalone_mode=False, which hands click's exceptions (all of them
+    typer.TyperException) to us; this also holds under CliRunner, which calls main() too.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as error:
+            if type(error).__name__ == "NoArgsIsHelpError":
+                code = error.exit_code  # `loraxs` alone: typer has printed the help already
+            else:
+                print_error(usage_line(error))
+                code = error.exit_code
+        except typer.Abort:  # Ctrl-C or end of input at a prompt
+            print_error("interrupted", plain=True)
+            code = EXIT_INTERRUPTED
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="loraxs",
     help="LoRA-XS and LoRA-SB adapters: train r x r matrices between frozen SVD factors "
     "(100-1000x smaller than LoRA).",
     no_args_is_help=True,
+    cls=LoraxsGroup,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -66,4 +106,7 @@ app.add_typer(cache_cmd.app, name="cache")
 
 
 def main() -> None:
+    """The `loraxs` program (and `python -m loraxs_cli`): a process of its own."""
+    reserve_standard_streams()
+    quiet_library_progress(sys.argv[1:])
     app(prog_name="loraxs")

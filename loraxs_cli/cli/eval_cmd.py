@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from .options import config_option
+from .options import AT_LEAST_ONE, SEED, EvalTaskOption, WeightsDtypeOption, config_option
 from .output import Output, get_output, handle_errors
-from .train_cmd import TASK_HELP
 
 SHOWN = ("loss", "perplexity", "accuracy", "macro_f1", "mcc", "pearson", "spearman", "mse", "exact_match")
 
@@ -19,23 +18,29 @@ def evaluate(
     adapter: list[str] = typer.Option(
         [], "--adapter", "-a", help="Adapter directory (repeat for several; none: the base model)."
     ),
-    task: str | None = typer.Option(None, "--task", help=TASK_HELP + " Default: the adapter's task."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b"),
-    max_length: int = typer.Option(512, "--max-length", help="Tokens per example (longer text is cut)."),
+    task: EvalTaskOption = None,
+    batch_size: int = typer.Option(16, "--batch-size", "-b", callback=AT_LEAST_ONE),
+    max_length: int = typer.Option(
+        512, "--max-length", callback=AT_LEAST_ONE, help="Tokens per example (longer text is cut)."
+    ),
     generate: bool = typer.Option(
         False, "--generate", help="Greedy generation; score the final answer by exact match."
     ),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", callback=AT_LEAST_ONE),
     answer_regex: str | None = typer.Option(
         None,
         "--answer-regex",
         help="Regex whose (first group of the) last match is the answer. "
         "Default: the number after '####', else the last number.",
     ),
-    limit: int | None = typer.Option(None, "--limit", help="Evaluate the first N rows only."),
+    limit: int | None = typer.Option(
+        None, "--limit", callback=AT_LEAST_ONE, help="Evaluate the first N rows only."
+    ),
     device: str | None = typer.Option(None, "--device"),
-    dtype: str = typer.Option("auto", "--dtype", help="Base weights dtype: auto, fp32, bf16, fp16."),
-    seed: int = typer.Option(0, "--seed", help="Seed of an untrained head (base-model classification)."),
+    dtype: WeightsDtypeOption = "auto",
+    seed: int = typer.Option(
+        0, "--seed", callback=SEED, help="Seed of an untrained head (base-model classification)."
+    ),
     config: str | None = config_option(),
     json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
@@ -86,16 +91,37 @@ def _render(out: Output, model: str, data: str, results: list[dict]) -> None:
 
     def render() -> None:
         columns = [k for k in SHOWN if any(k in r for r in results)]
-        table = Table(title=f"{model} on {data}")
-        table.add_column("adapter")
+        under, labels = adapter_labels([row["adapter"] for row in results])
+        title = f"{model} on {data}" + (f" (adapters under {under})" if under else "")
+        table = Table(title=title)
+        # Never cut: rows that differ only at the end of a long path must not look the same.
+        table.add_column("adapter", overflow="fold")
         table.add_column("examples", justify="right")
         for name in columns:
             table.add_column(name, justify="right")
-        for row in results:
+        for row, label in zip(results, labels, strict=True):
             cells = [
                 f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in columns
             ]
-            table.add_row(row["adapter"] or "(base model)", str(row["examples"]), *cells)
+            table.add_row(label, str(row["examples"]), *cells)
         out.out.print(table)
 
     out.result({"model": model, "data": data, "results": results}, render)
+
+
+def adapter_labels(adapters: list[str | None]) -> tuple[str | None, list[str]]:
+    """(common directory, row labels): the part of each adapter path after the directory that all
+    of them share (runs/alice/adapter and runs/bob/adapter -> 'runs', ['alice/adapter', ...])."""
+    import os
+
+    paths = [a for a in adapters if a]
+    under = None
+    if len(paths) > 1:
+        try:
+            under = os.path.commonpath(paths)
+        except ValueError:  # absolute and relative paths mixed
+            under = None
+        if under and any(p == under for p in paths):  # one adapter is the common directory itself
+            under = os.path.dirname(under)
+    labels = ["(base model)" if not a else os.path.relpath(a, under) if under else a for a in adapters]
+    return under or None, labels

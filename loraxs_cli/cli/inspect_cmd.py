@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from .output import Output, get_output, handle_errors
+from .options import EVERY, StorageDtypeOption, complete_presets
+from .output import Output, get_output, handle_errors, styled
 from .render import bytes_human
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
@@ -18,13 +19,16 @@ def inspect(
     target: str = typer.Argument(
         ...,
         help="An adapter directory, a model (directory, config.json, hub id) or a preset (gpt3-175b, ...).",
+        autocompletion=complete_presets,
     ),
     rank: int = typer.Option(16, "--rank", "-r", help="LoRA-XS rank for the estimate."),
     targets: str | None = typer.Option(
         None, "--targets", "-t", help="Target modules (default: per architecture)."
     ),
-    users: int = typer.Option(1_000_000, "--users", help="Number of adapters to store (one per user)."),
-    dtype: str = typer.Option("fp16", "--dtype", help="Storage dtype of adapter numbers: fp16, bf16, fp32."),
+    users: int = typer.Option(
+        1_000_000, "--users", callback=EVERY, help="Number of adapters to store (one per user)."
+    ),
+    dtype: StorageDtypeOption = "fp16",
     lora_rank: int | None = typer.Option(
         None, "--lora-rank", help="LoRA rank to compare with (default: --rank)."
     ),
@@ -115,9 +119,17 @@ def _shapes_for(target: str, targets: str | None):
     preset = None if path.exists() else find_preset(target)
     if preset is not None:
         return preset.name, preset.shapes(wanted), preset.total_params
+    from ..errors import BadInputError
+    from ..estimate import unknown_preset_message
     from ..models import linear_modules, load_config, match_targets, resolve_config_only, skeleton
 
-    resolved = resolve_config_only(target)
+    try:
+        resolved = resolve_config_only(target)
+    except BadInputError:
+        if path.exists() or "/" in target:
+            raise
+        # A bare name that is no preset: most likely a mistyped preset, not a hub id.
+        raise BadInputError(unknown_preset_message(target)) from None
     config = load_config(resolved)
     meta_model = skeleton(config)
     modules = linear_modules(meta_model)
@@ -163,7 +175,7 @@ def _inspect_adapter(out: Output, path: Path) -> None:
     def render() -> None:
         p = out.out.print
         p(
-            f"[bold]{path}[/]: LoRA-{config.method.upper()} adapter, "
+            styled("[bold]{}[/]: ", path) + f"LoRA-{config.method.upper()} adapter, "
             f"rank {config.rank}, alpha {config.alpha:g}"
         )
         p(
@@ -176,10 +188,9 @@ def _inspect_adapter(out: Output, path: Path) -> None:
         )
         p("  files:      " + ", ".join(f"{n} {bytes_human(s)}" for n, s in files.items()))
         p(f"  base:       {config.base.get('spec')} (fingerprint {config.base.get('fingerprint')})")
-        state = (
-            "embedded" if doc["factors"]["embedded"] else ("in the cache" if in_cache else "[red]missing[/]")
-        )
-        p(f"  factors:    {config.factors.get('id')} ({state})")
+        state = "embedded" if doc["factors"]["embedded"] else ("in the cache" if in_cache else "missing")
+        p(styled("  factors:    {} (" + ("[red]{}[/]" if state == "missing" else "{}") + ")",
+                 config.factors.get("id"), state))  # fmt: skip
         if doc["sb"]:
             sb = doc["sb"]
             p(f"  LoRA-SB:    {sb['samples']} samples of data {sb['data_sha256'][:12]}, eta {sb['eta']:g}")
@@ -202,8 +213,8 @@ def _inspect_peft(out: Output, path: Path) -> None:
 
     def render() -> None:
         p = out.out.print
-        p(f"[bold]{path}[/]: PEFT {doc['peft_type']} adapter ({doc['task_type']}), rank {doc['rank']}, "
-          f"lora_alpha {doc['lora_alpha']}")  # fmt: skip
+        p(styled("[bold]{}[/]: ", path) + f"PEFT {doc['peft_type']} adapter ({doc['task_type']}), "
+          f"rank {doc['rank']}, lora_alpha {doc['lora_alpha']}")  # fmt: skip
         p(f"  trainable:  {doc['params']:,} in {doc['modules']} modules"
           + (f" + {doc['head_params']:,} in the task head" if doc["head_params"] else ""))  # fmt: skip
         p("  files:      " + ", ".join(f"{n} {bytes_human(s)}" for n, s in doc["files"].items()))

@@ -7,7 +7,11 @@ values as the command's default map, so any flag given on the command line still
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import typer
 
@@ -28,19 +32,81 @@ def _load_config_file(ctx: typer.Context, param, value: str | None) -> str | Non
         document = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:
         raise typer.BadParameter(f"{path}: unreadable ({str(error).splitlines()[0]})") from None
+    except RecursionError:
+        raise typer.BadParameter(f"{path}: nested too deeply to be option settings") from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
         raise typer.BadParameter(f"{path}: expected a mapping of option names to values")
-    known = {p.name for p in ctx.command.params}
+    # A setting is named like a long flag (`out`, `max-steps`, `max_steps`) or like the parameter.
+    known = {p.name: p.name for p in ctx.command.params}
+    for p in ctx.command.params:
+        known.update({o[2:].replace("-", "_"): p.name for o in p.opts if o.startswith("--")})
+    known.pop("config", None)
     defaults = {}
     for key, setting in document.items():
         name = str(key).lstrip("-").replace("-", "_")
-        if name not in known or name == "config":
-            raise typer.BadParameter(f"{path}: unknown setting {key!r}")
-        defaults[name] = setting
+        if name == RECORDED_SECTION:  # what `train` recorded in RUN/config.yaml, not a setting
+            continue
+        if name not in known:
+            raise typer.BadParameter(f"{path}: unknown setting {key!r}{_hint(name, known)}")
+        defaults[known[name]] = setting
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+RECORDED_SECTION = "recorded"
+
+# Names other tools use (transformers' TrainingArguments, PEFT's LoraConfig, axolotl) -> our flags.
+FOREIGN_NAMES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch-size",
+    "train_batch_size": "batch-size",
+    "micro_batch_size": "batch-size",
+    "per_device_eval_batch_size": "eval-batch-size",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "gradient_accumulation_steps": "grad-accum",
+    "lora_r": "rank",
+    "r": "rank",
+    "lora_alpha": "alpha",
+    "target_modules": "targets",
+    "lora_target_modules": "targets",
+    "output_dir": "out",
+    "model_name_or_path": "model",
+    "base_model": "model",
+    "base_model_name_or_path": "model",
+    "lr_scheduler_type": "schedule",
+    "warmup_steps": "warmup-ratio",
+    "max_seq_length": "max-length",
+    "sequence_len": "max-length",
+    "cutoff_len": "max-length",
+    "logging_steps": "log-every",
+    "save_steps": "save-every",
+    "eval_steps": "eval-every",
+    "save_total_limit": "keep-checkpoints",
+    "metric_for_best_model": "metric",
+    "train_file": "data",
+    "dataset": "data",
+    "validation_file": "eval-data",
+    "bf16": "precision",
+    "fp16": "precision",
+    "torch_dtype": "dtype",
+    "resume_from_checkpoint": "resume",
+}
+
+
+def _hint(name: str, known: dict[str, str]) -> str:
+    """'; use 'lr'' for a well-known name of another tool, or a close spelling of a real setting."""
+    import difflib
+
+    ours = FOREIGN_NAMES.get(name.lower())
+    if ours is not None and ours.replace("-", "_") in known:
+        if name.lower() == "warmup_steps":
+            return f"; use '{ours}' (a share of the steps, e.g. 0.1)"
+        return f"; use '{ours}'"
+    close = difflib.get_close_matches(name, [k for k in known if k != RECORDED_SECTION], n=1, cutoff=0.75)
+    return f"; did you mean '{close[0].replace('_', '-')}'?" if close else ""
 
 
 def config_option():
@@ -56,3 +122,186 @@ def config_option():
 def positive(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
         raise UsageError(f"{name} must be positive, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers. Every int and float option of every command names its range here, once, as a typer
+# callback: `typer.Option(1.0, "--epochs", callback=POSITIVE)`. A callback runs on every value the
+# option gets (the command line, a `--config` file, the default), before the command starts, so a
+# NaN, an infinity or an out-of-range value is a usage error (exit 2) in one line that names the
+# flag (and the config file it came from) and nothing is read or written. Ranks are the exception:
+# their range depends on the model (r <= min(m, n)), so the core checks them (exit 3, bad input).
+
+INT64_MAX = 2**63 - 1  # no count loraxs hands to torch can be larger
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state take at most 32 bits
+
+
+class OptionValueError(typer.BadParameter):
+    """A value outside its option's range; shown as is ("--lr must be > 0, got -1.0"), exit 2."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The valid values of a numeric option: finite (floats), within [ge | gt, le | lt]."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    what: str | None = None  # the range in words ("positive"), else it is written out
+
+    def describe(self) -> str:
+        """'positive', '>= 0', 'in [0, 1)'."""
+        if self.what:
+            return self.what
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        high = (self.le, "]") if self.le is not None else (self.lt, ")") if self.lt is not None else None
+        if low and high:
+            return f"in {low[0]}{_show(low[1])}, {_show(high[0])}{high[1]}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {_show(low[1])}"
+        if high:
+            return f"{'<=' if high[1] == ']' else '<'} {_show(high[0])}"
+        return "a finite number"
+
+    def problem(self, flag: str, value: float | int) -> str | None:
+        """Why `value` is not valid for `flag`, or None when it is."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{flag} must be a finite number, got {value}"
+        below = (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+        above = (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt)
+        if below or above:
+            return f"{flag} must be {self.describe()}, got {value}"
+        if isinstance(value, int) and value > INT64_MAX:
+            return f"{flag} must be at most {INT64_MAX}, got {value}"
+        if isinstance(value, int) and value < -INT64_MAX:
+            return f"{flag} must be at least {-INT64_MAX}, got {value}"
+        return None
+
+    def check(self, flag: str, value: float | int | None) -> float | int | None:
+        """The value, or a UsageError (for values that do not come through an option callback)."""
+        problem = None if value is None else self.problem(flag, value)
+        if problem:
+            raise UsageError(problem)
+        return value
+
+
+def _show(bound: float) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
+def Finite(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None, what: str | None = None) -> Callable:  # fmt: skip
+    """A typer callback that refuses a non-finite or out-of-range value (None passes: 'not given').
+
+    Its `bounds` attribute is the Bounds it checks (for tests and for core checks of the same range).
+    """
+    bounds = Bounds(ge=ge, gt=gt, le=le, lt=lt, what=what)
+
+    def check(ctx: typer.Context, param: typer.CallbackParam, value):
+        if value is None or isinstance(value, bool):
+            return value
+        problem = bounds.problem(_flag(param), value)
+        if problem is not None:
+            _refuse(ctx, param, problem)
+        return value
+
+    check.bounds = bounds
+    return check
+
+
+def _flag(param: typer.CallbackParam) -> str:
+    return next((o for o in param.opts if o.startswith("--")), param.opts[0] if param.opts else param.name)
+
+
+def _refuse(ctx: typer.Context, param: typer.CallbackParam, problem: str):
+    """Raise the one-line usage error, naming the --config file when the value came from it."""
+    source = ctx.get_parameter_source(param.name) if param.name else None
+    config = ctx.params.get("config")
+    if source is not None and source.name == "DEFAULT_MAP" and config:
+        problem += f" (in --config {config})"
+    raise OptionValueError(problem, ctx=ctx, param=param)
+
+
+def lr_or_auto(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    """`--lr`: a positive finite number or 'auto' (kept as text; the command turns it into a number)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        _refuse(ctx, param, f"{_flag(param)} must be a positive number or 'auto', not {str(value)!r}")
+    return value
+
+
+POSITIVE = Finite(gt=0, what="positive")  # rates and scales: --lr, --epochs, --alpha, --sb-lr
+# 0 means off or frozen: --max-grad-norm, --head-lr, --weight-decay, --temperature
+NON_NEGATIVE = Finite(ge=0)
+SHARE = Finite(ge=0, lt=1)  # a share of the steps or rows: --warmup-ratio, --eval-split
+AT_LEAST_ONE = Finite(ge=1, what="positive")  # counts: batch sizes, steps, lengths, samples
+EVERY = Finite(ge=0)  # every N steps, 0: only at the end; SVD iterations and oversampling
+SEED = Finite(ge=0, le=SEED_MAX)
+TOP_P = Finite(gt=0, le=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choice options, shared by the commands. A Literal makes typer show `<xs|sb>` in --help, complete
+# the values in every shell, and refuse any other value as a usage error (exit 2) before the
+# command runs. The values mirror the core's tables (factors.SVD_BACKENDS, train.SCHEDULES, ...),
+# which stay the authority for library callers; this module must not import torch.
+
+Method = Literal["xs", "sb"]
+Task = Literal["causal-lm", "seq-cls", "regression"]
+WeightsDtype = Literal["auto", "fp32", "bf16", "fp16"]
+StorageDtype = Literal["fp16", "bf16", "fp32", "int8"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+SvdBackend = Literal["torch", "sklearn", "exact"]
+Schedule = Literal["linear", "cosine", "constant"]
+ExportFormat = Literal["peft-lora"]
+ImportFormat = Literal["peft-lora", "official"]
+
+TASK_HELP = "causal-lm (prompt/response, messages, text), seq-cls (text + label) or regression (float label)."
+SVD_HELP = (
+    "torch: randomized SVD on --device. sklearn: the official LoRA-XS call, TruncatedSVD on W^T. "
+    "exact: full SVD, truncated (slow on large weights)."
+)
+
+MethodOption = Annotated[
+    Method, typer.Option("--method", help="xs: SVD of the weights (LoRA-XS). sb: LoRA-SB factors.")
+]
+EvalTaskOption = Annotated[
+    Task | None, typer.Option("--task", help=TASK_HELP + " Default: the adapter's task.")
+]
+WeightsDtypeOption = Annotated[
+    WeightsDtype, typer.Option("--dtype", help="Dtype the base weights are read in (auto: the checkpoint's).")
+]
+MergeDtypeOption = Annotated[
+    WeightsDtype,
+    typer.Option("--dtype", help="Dtype written: auto (each tensor's original dtype), fp32, bf16, fp16."),
+]
+StorageDtypeOption = Annotated[
+    StorageDtype, typer.Option("--dtype", help="Storage dtype of the adapter numbers for the estimate.")
+]
+SvdOption = Annotated[SvdBackend, typer.Option("--svd", help=SVD_HELP)]
+ToOption = Annotated[
+    ExportFormat | None, typer.Option("--to", help="Export a loraxs adapter: peft-lora (exact).")
+]
+FromOption = Annotated[
+    ImportFormat | None,
+    typer.Option(
+        "--from",
+        help="Import: peft-lora (projected onto the LoRA-XS factors) or official (LoRA-XS/LoRA-SB, exact).",
+    ),
+]
+
+
+def complete_presets(incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion of `inspect TARGET`: the built-in presets (paths come from the shell)."""
+    from ..estimate import preset_names
+
+    return [(name, "preset") for name in preset_names() if name.startswith(incomplete)]

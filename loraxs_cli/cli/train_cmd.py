@@ -6,9 +6,33 @@ from contextlib import ExitStack
 
 import typer
 
-from .init_cmd import TARGETS_HELP
-from .options import config_option
-from .output import Output, get_output, handle_errors
+from .init_cmd import (
+    SB_ACCUM_HELP,
+    SB_GRAD_MODE_HELP,
+    SB_STEP_HELP,
+    SVD_HELP,
+    TARGETS_HELP,
+    SbAccumDtype,
+    SbGradMode,
+    SbStep,
+)
+from .options import (
+    AT_LEAST_ONE,
+    EVERY,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    SHARE,
+    Method,
+    Precision,
+    Schedule,
+    SvdBackend,
+    Task,
+    WeightsDtype,
+    config_option,
+    lr_or_auto,
+)
+from .output import Output, get_output, handle_errors, styled
 from .render import bytes_human
 
 TASK_HELP = "causal-lm (prompt/response, messages, text), seq-cls (text + label) or regression (float label)."
@@ -19,67 +43,151 @@ def train(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="Local directory, Hugging Face model id, or .gguf file."),
     data: str = typer.Option(..., "--data", "-d", help="Training data: .jsonl, .csv, .parquet or .txt."),
-    task: str = typer.Option("causal-lm", "--task", help=TASK_HELP),
+    task: Task | None = typer.Option(None, "--task", help=TASK_HELP + " Default: inferred from the rows."),
     rank: int = typer.Option(16, "--rank", "-r", help="Rank r: each target module trains r x r numbers."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Run directory (checkpoints, metrics, adapter)."),
-    method: str = typer.Option("xs", "--method", help="xs: SVD of the weights. sb: LoRA-SB factors."),
-    alpha: float | None = typer.Option(None, "--alpha", help="Scaling s = alpha / r (default alpha = r)."),
+    method: Method = typer.Option("xs", "--method", help="xs: SVD of the weights. sb: LoRA-SB factors."),
+    alpha: float | None = typer.Option(
+        None, "--alpha", callback=POSITIVE, help="Scaling s = alpha / r (default alpha = r)."
+    ),
     targets: str | None = typer.Option(None, "--targets", "-t", help=TARGETS_HELP),
     eval_data: str | None = typer.Option(None, "--eval-data", help="Held-out data for periodic evaluation."),
     eval_split: float = typer.Option(
-        0.0, "--eval-split", help="Hold out this share of --data instead (stratified for seq-cls)."
+        0.0,
+        "--eval-split",
+        callback=SHARE,
+        help="Hold out this share of --data instead (stratified for seq-cls).",
     ),
-    max_length: int = typer.Option(512, "--max-length", help="Tokens per example (longer text is cut)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Examples per micro-batch and process."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of the R matrices."),
+    max_length: int = typer.Option(
+        512, "--max-length", callback=AT_LEAST_ONE, help="Tokens per example (longer text is cut)."
+    ),
+    chat_loss: str = typer.Option(
+        "all", "--chat-loss", help="messages rows: loss on all assistant turns, or only the last."
+    ),
+    batch_size: int = typer.Option(
+        8, "--batch-size", "-b", callback=AT_LEAST_ONE, help="Examples per micro-batch and process."
+    ),
+    grad_accum: int = typer.Option(
+        1, "--grad-accum", callback=AT_LEAST_ONE, help="Micro-batches per optimizer step."
+    ),
+    lr: str | None = typer.Option(
+        None,
+        "--lr",
+        callback=lr_or_auto,
+        help="AdamW learning rate of the R matrices, or 'auto' (a short LR range test picks it). "
+        "Default: per task and method (README: Defaults).",
+    ),
     head_lr: float | None = typer.Option(
-        None, "--head-lr", help="Learning rate of a task head (classifier); default --lr."
+        None,
+        "--head-lr",
+        callback=NON_NEGATIVE,
+        help="Learning rate of a task head (classifier). Default: per task.",
     ),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    warmup_ratio: float = typer.Option(0.0, "--warmup-ratio", help="Share of steps with a linear warmup."),
-    schedule: str = typer.Option("linear", "--schedule", help="linear, cosine or constant (after warmup)."),
-    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the data (ignored with --max-steps)."),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps to run."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
-    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0: at the end)."),
+    lr_find_steps: int = typer.Option(
+        50, "--lr-find-steps", callback=AT_LEAST_ONE, help="--lr auto: steps of the range test."
+    ),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", callback=NON_NEGATIVE),
+    warmup_ratio: float | None = typer.Option(
+        None, "--warmup-ratio", callback=SHARE, help="Share of steps with a linear warmup. Default: per task."
+    ),
+    schedule: Schedule = typer.Option("linear", "--schedule", help="Learning-rate schedule after warmup."),
+    epochs: float = typer.Option(
+        1.0, "--epochs", callback=POSITIVE, help="Passes over the data (ignored with --max-steps)."
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", callback=AT_LEAST_ONE, help="Optimizer steps to run."
+    ),
+    max_grad_norm: float = typer.Option(
+        1.0, "--max-grad-norm", callback=NON_NEGATIVE, help="Gradient clipping (0: off)."
+    ),
+    eval_every: int = typer.Option(
+        0, "--eval-every", callback=EVERY, help="Evaluate every N steps (0: at the end)."
+    ),
     metric: str | None = typer.Option(
         None, "--metric", help="Keep the best adapter by this eval metric (default: accuracy/pearson/loss)."
     ),
     save_every: int = typer.Option(
-        100, "--save-every", help="Checkpoint every N steps (0: only at the end)."
+        100, "--save-every", callback=EVERY, help="Checkpoint every N steps (0: only at the end)."
     ),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints kept on disk."),
-    log_every: int = typer.Option(10, "--log-every", help="Write metrics.jsonl every N steps."),
-    seed: int = typer.Option(0, "--seed", help="Seed of data order, R initialisation and a new head."),
-    precision: str = typer.Option(
+    keep_checkpoints: int = typer.Option(
+        2, "--keep-checkpoints", callback=AT_LEAST_ONE, help="Checkpoints kept on disk."
+    ),
+    log_every: int = typer.Option(
+        10, "--log-every", callback=AT_LEAST_ONE, help="Write metrics.jsonl every N steps."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", callback=SEED, help="Seed of data order, R initialisation and a new head."
+    ),
+    precision: Precision = typer.Option(
         "auto", "--precision", help="Autocast: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."
     ),
-    dtype: str = typer.Option("auto", "--dtype", help="Base weights dtype: auto, fp32, bf16, fp16."),
+    dtype: WeightsDtype = typer.Option("auto", "--dtype", help="Base weights dtype: auto, fp32, bf16, fp16."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: GPU if any)."),
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing", help="Trade compute for memory."
     ),
-    svd: str = typer.Option("torch", "--svd", help="SVD backend if the factors must be computed."),
-    niter: int = typer.Option(4, "--niter"),
-    oversample: int = typer.Option(16, "--oversample"),
+    svd: SvdBackend = typer.Option("torch", "--svd", help=f"If the factors must be computed: {SVD_HELP}"),
+    niter: int | None = typer.Option(
+        None, "--niter", callback=EVERY, help="SVD power iterations (default: 4; sklearn: 10)."
+    ),
+    oversample: int | None = typer.Option(
+        None, "--oversample", callback=EVERY, help="SVD extra random directions (default: 16; sklearn: 10)."
+    ),
     embed_factors: bool = typer.Option(
         False, "--embed-factors", help="Store A and B in the adapter (self-contained, larger)."
     ),
     resume: bool | None = typer.Option(
         None, "--resume/--no-resume", help="Continue the run in --out (default: if it has checkpoints)."
     ),
-    sb_samples: int = typer.Option(
-        64, "--sb-samples", help="LoRA-SB: examples whose mean gradient sets the factors."
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace the run in an existing --out: remove its checkpoints, metrics, config, loss.png, "
+        "adapter/ and best/ (only what train wrote), then start anew.",
     ),
-    sb_lr: float = typer.Option(3e-4, "--sb-lr", help="LoRA-SB: eta of the approximated first AdamW step."),
-    sb_batch_size: int = typer.Option(8, "--sb-batch-size", help="LoRA-SB: batch size of the gradient pass."),
+    eval_batch_size: int | None = typer.Option(
+        None,
+        "--eval-batch-size",
+        callback=AT_LEAST_ONE,
+        help="Examples per evaluation batch (default --batch-size).",
+    ),
+    init_std: float = typer.Option(
+        1e-5,
+        "--init-std",
+        callback=NON_NEGATIVE,
+        help="Standard deviation of R's random initialisation (LoRA-XS).",
+    ),
+    sb_samples: int = typer.Option(
+        64,
+        "--sb-samples",
+        callback=AT_LEAST_ONE,
+        help="LoRA-SB: examples whose mean gradient sets the factors.",
+    ),
+    sb_lr: float = typer.Option(
+        3e-4, "--sb-lr", callback=POSITIVE, help="LoRA-SB: eta of the approximated first AdamW step."
+    ),
+    sb_official_eta: bool = typer.Option(
+        False,
+        "--sb-official-eta",
+        help="LoRA-SB: eta = lr / (warmup_ratio * ceil(rows / sb_batch_size) * epochs) (official code).",
+    ),
+    sb_step: SbStep = typer.Option("adam", "--sb-step", help=SB_STEP_HELP),
+    sb_grad_mode: SbGradMode = typer.Option("eval", "--sb-grad-mode", help=SB_GRAD_MODE_HELP),
+    sb_accum_dtype: SbAccumDtype = typer.Option("float32", "--sb-accum-dtype", help=SB_ACCUM_HELP),
+    sb_batch_size: int = typer.Option(
+        8, "--sb-batch-size", callback=AT_LEAST_ONE, help="LoRA-SB: batch size of the gradient pass."
+    ),
     max_grad_memory: str = typer.Option(
-        "2GiB", "--max-grad-memory", help="LoRA-SB: budget for float32 gradient accumulators (e.g. 512MiB)."
+        "2GiB", "--max-grad-memory", help="LoRA-SB: budget for the gradient accumulators (e.g. 512MiB)."
     ),
     config: str | None = config_option(),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the plan (cache hit/miss, steps, sizes) and exit."
+        False, "--dry-run", help="Print the plan (cache hit/miss, steps, sizes, time estimate) and exit."
+    ),
+    measure: bool = typer.Option(
+        True,
+        "--measure/--no-measure",
+        help="With --dry-run: time one training step on a real batch for the estimate (loads the weights).",
     ),
     json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
@@ -99,10 +207,12 @@ def train(
         eval_data=eval_data,
         eval_split=eval_split,
         max_length=max_length,
+        chat_loss=chat_loss,
         batch_size=batch_size,
         grad_accum=grad_accum,
-        lr=lr,
+        lr=_parse_lr(lr),
         head_lr=head_lr,
+        lr_find_steps=lr_find_steps,
         weight_decay=weight_decay,
         warmup_ratio=warmup_ratio,
         schedule=schedule,
@@ -123,24 +233,55 @@ def train(
         niter=niter,
         oversample=oversample,
         embed_factors=embed_factors,
-        resume={None: "auto", True: "always", False: "never"}[resume],
+        resume=_resume_mode(resume, force),
+        eval_batch_size=eval_batch_size,
+        init_std=init_std,
         sb={
             "samples": sb_samples,
             "eta": sb_lr,
             "batch_size": sb_batch_size,
             "max_grad_memory": max_grad_memory,
+            "official_eta": sb_official_eta,
+            "step": sb_step,
+            "grad_mode": sb_grad_mode,
+            "accum_dtype": sb_accum_dtype,
         },
     )
     if dry_run:
         from ..train import plan_training
 
-        _render_plan(out, plan_training(settings))
+        _render_plan(out, plan_training(settings, measure=measure))
         return
     from ..train import train as run
 
     with TrainDisplay(out) as display:
         result = run(settings, display.events())
     _render_result(out, result)
+
+
+def _parse_lr(value: str | None) -> float | str | None:
+    """--lr: a positive number, 'auto', or unset (the task's default)."""
+    if value is None or value.strip().lower() == "auto":
+        return None if value is None else "auto"
+    import math
+
+    from ..errors import UsageError
+
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (number > 0 and math.isfinite(number)):
+        raise UsageError(f"--lr must be a positive number or 'auto', not {value!r}")
+    return number
+
+
+def _resume_mode(resume: bool | None, force: bool) -> str:
+    if force and resume:
+        from ..errors import UsageError
+
+        raise UsageError("--force replaces the run in --out, --resume continues it: pass one of them")
+    return "fresh" if force else {None: "auto", True: "always", False: "never"}[resume]
 
 
 class TrainDisplay:
@@ -180,7 +321,7 @@ class TrainDisplay:
 
 def _render_plan(out: Output, plan: dict) -> None:
     def render() -> None:
-        out.out.print(f"[bold]{plan['model']}[/] -> {plan['out']}")
+        out.out.print(styled("[bold]{}[/] -> {}", plan["model"], plan["out"]))
         out.out.print(
             f"  factors:    {plan['cache']} "
             f"({plan['method']}, {plan['modules']} modules, rank {plan['rank']})"
@@ -193,7 +334,22 @@ def _render_plan(out: Output, plan: dict) -> None:
         )
         out.out.print(f"  schedule:   {plan['steps']:,} steps of {plan['examples_per_step']} examples")
         out.out.print(f"  memory:     about {bytes_human(plan['weights_bytes'])} of base weights")
-        out.out.print(f"  resume:     {plan['resume'] or 'no (new run)'}")
+        rates = f"R {plan['lr']}" if plan["lr"] == "auto" else f"R {plan['lr']:g}"
+        if plan.get("head_lr") is not None:
+            rates += f", head {plan['head_lr']:g}"
+        out.out.print(f"  lr:         {rates}, warmup {plan['warmup_ratio']:g} of the steps")
+        if "estimate" in plan:
+            out.out.print(
+                f"  time:       {plan['estimate']} of training ({plan['step_seconds']:.3g} s per step, "
+                f"measured on {plan['measured_on']}; evaluation not included)"
+            )
+        if plan.get("task_inferred"):
+            out.out.print(f"  task:       {plan['task']} (inferred from the rows)")
+        if plan.get("start") == "fresh":
+            removed = ", ".join(plan["replaces"][:6]) + (", ..." if len(plan["replaces"]) > 6 else "")
+            out.out.print(f"  resume:     no: --force removes the earlier run ({removed}), then a new run")
+        else:
+            out.out.print(f"  resume:     {plan['resume'] or 'no (new run)'}")
 
     out.result({"dry_run": True, **plan}, render)
 
@@ -217,12 +373,16 @@ def _render_result(out: Output, result) -> None:
         "factor_entry": result.factor_entry,
         "cache": "hit" if result.cache_hit else "miss",
         "seconds": round(result.seconds, 2),
+        "lr": result.lr,
+        "lr_find": result.lr_find,
     }
 
     def render() -> None:
         table = Table(title=f"trained {result.steps} steps in {result.seconds:.0f} s", show_header=False)
         table.add_row("adapter", f"{result.adapter_dir} ({bytes_human(adapter_bytes)})")
         table.add_row("trainable", f"{result.adapter_params:,} in R + {result.head_params:,} in the head")
+        if result.lr_find:
+            table.add_row("--lr auto", f"R's lr {result.lr:.3g} (range test: {result.lr_find['rule']})")
         if result.final_loss is not None:
             table.add_row("last train loss", f"{result.final_loss:.4f}")
         for key, value in (result.eval or {}).items():
