@@ -148,9 +148,9 @@ def test_export_peft_bert_head_and_gpt2(tiny_bert_dir, tiny_gpt2_dir, tmp_path):
 
 def test_export_without_peft_writes_a_config_peft_reads(tiny_llama_dir, tmp_path, monkeypatch):
     adapter = make_adapter(tiny_llama_dir, tmp_path / "xs", rank=4, alpha=8)
-    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` fails: not installed
-    doc = run_json("convert", adapter, "--to", "peft-lora", "--out", tmp_path / "peft")
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:  # not monkeypatch.undo(): that would also drop LORAXS_HOME
+        patch.setitem(sys.modules, "peft", None)  # `import peft` fails: not installed
+        doc = run_json("convert", adapter, "--to", "peft-lora", "--out", tmp_path / "peft")
     assert doc["config_written_by"] == "loraxs"
     read = peft.LoraConfig.from_pretrained(str(tmp_path / "peft"))
     assert (read.r, read.lora_alpha, read.task_type) == (4, 8, "CAUSAL_LM")

@@ -191,7 +191,10 @@ def test_merge_peak_memory_is_about_one_shard(large_sharded_llama, tmp_path, lor
         f"(largest {figures['shard'] / 2**20:.1f} MiB)"
     )
     assert figures["shards"] >= 8
-    assert added < 0.35 * figures["checkpoint"]
+    # At most three copies of one shard live at once: the source's mapped pages, the merged tensors, and
+    # the bytes safetensors' save_file serializes them into (+ ~10 MiB of allocator noise); loading the
+    # checkpoint would add all of it.
+    assert added < min(0.5 * figures["checkpoint"], 3 * figures["shard"] + 10 * 2**20)
 
 
 def test_merge_dry_run_writes_nothing(tiny_llama_dir, tmp_path):
