@@ -96,7 +96,7 @@ def random_kaiming_factors(model: torch.nn.Module, seed: int) -> int:
 @contextlib.contextmanager
 def random_factors(seed: int):
     """While active, loraxs' `train` prepares its model as usual, then gets random frozen factors."""
-    from loraxs_cli import train as train_module
+    from loraxs_cli.train import recipe as train_module  # train() calls recipe.prepare
 
     original = train_module.prepare
 

@@ -5,6 +5,7 @@ on held-out rows that are never trained on:
 
     binary     MiniLM, seq-cls: BBC "politics" against "business", 1:2 (majority class 0.667)
     bbc5       MiniLM, seq-cls: BBC's 5 topics, balanced (chance 0.2)
+    quickstart bbc5 as scripts/quickstart.sh runs it: 40 articles per topic, rank 8, batch 16, 60 steps
     smol-text  SmolLM2-135M-Instruct, causal-lm on BBC article text: held-out perplexity
     word       SmolLM2-135M-Instruct, causal-lm chats of one-step word problems: exact match by generation
 
@@ -15,6 +16,7 @@ the runs already there, so a killed sweep continues where it stopped):
             lr is at the grid's edge the grid grows one step past it
     refine  at each task's best: warmup 0.1; batch 16 and head lr 2e-2 (bbc5); another seed and LoRA-SB
             (--method sb) at two lrs (binary); LoRA-SB at two lrs (word)
+    check   candidate defaults on every classification task: R at 3e-3, 5e-3, 1e-2 with the head at 2e-2
     auto    `--lr auto` (the LR range test) at the task's settings: its choice and the metric it reaches
     base    the untrained base model's metric (causal-lm tasks)
     report  --out/table.md from results.jsonl (also written after every run)
@@ -59,6 +61,7 @@ class Task:
     lrs: tuple = LR_GRID
     head_lrs: tuple = ()
     description: str = ""
+    rank: int = 16
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ TASKS = {
                    description="BBC politics vs business (1:2), MiniLM"),
     "bbc5": Task("bbc5", "minilm", "seq-cls", "accuracy", 100, 64, lrs=(3e-3, 1e-2, 3e-2),
                  head_lrs=(5e-3,), description="BBC 5 topics, MiniLM"),
+    "quickstart": Task("quickstart", "minilm", "seq-cls", "accuracy", 60, 128, batch_size=16, rank=8,
+                       lrs=(3e-3, 1e-2), head_lrs=(5e-3, 2e-2),
+                       description="scripts/quickstart.sh: BBC 5 topics, 40 per topic, rank 8, MiniLM"),
     "smol-text": Task("smol-text", "smollm2", "causal-lm", "perplexity", 30, 64,
                       description="BBC article text, SmolLM2-135M"),
     "word": Task("word", "smollm2", "causal-lm", "exact_match", 30, 96,
@@ -138,8 +144,8 @@ def build_data(task: Task, out: Path, quick: bool) -> Prepared:
         return Prepared(
             write_jsonl(data / "train.jsonl", train), write_jsonl(data / "held.jsonl", held), majority
         )
-    if task.name == "bbc5":
-        train, held = bbc_split(*((2, 1) if quick else (80, 20)))
+    if task.name in ("bbc5", "quickstart"):
+        train, held = bbc_split(*((2, 1) if quick else (80, 20) if task.name == "bbc5" else (40, 20)))
         return Prepared(write_jsonl(data / "train.jsonl", train), write_jsonl(data / "held.jsonl", held), 0.2)
     if task.name == "smol-text":
         train, held = bbc_split(*((1, 1) if quick else (16, 4)))
@@ -168,7 +174,7 @@ def run_one(args, task: Task, prepared: Prepared, setting: Setting) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"sweep-{task.name}-"))
     config = TrainConfig(
         model=str(model), data=prepared.train, eval_data=prepared.held, out=str(work / "run"), task=task.task,
-        method=setting.method, rank=16, max_length=task.max_length,
+        method=setting.method, rank=task.rank, max_length=task.max_length,
         batch_size=setting.batch_size or task.batch_size, lr=setting.lr, head_lr=setting.head_lr,
         warmup_ratio=setting.warmup_ratio, max_steps=steps, eval_every=max(1, steps // 2), save_every=0,
         log_every=max(1, steps // 10), seed=setting.seed,
@@ -298,7 +304,20 @@ def base_settings(task: Task, results: list[dict]) -> list[Setting]:
     return [Setting(task.name, 0.0, phase="base")] if task.task == "causal-lm" else []
 
 
-PHASES = {"grid": grid_settings, "refine": refine_settings, "auto": auto_settings, "base": base_settings}
+def check_settings(task: Task, results: list[dict]) -> list[Setting]:
+    """Candidate defaults on every classification task (the head at 2e-2): R at 3e-3, 5e-3 and 1e-2."""
+    if task.task != "seq-cls":
+        return []
+    return [Setting(task.name, lr, 2e-2, phase="check") for lr in (3e-3, 5e-3, 1e-2)]
+
+
+PHASES = {
+    "grid": grid_settings,
+    "refine": refine_settings,
+    "check": check_settings,
+    "auto": auto_settings,
+    "base": base_settings,
+}
 
 
 def run_phase(args, phase: str, tasks: list[Task], prepared: dict[str, Prepared]) -> None:
@@ -331,7 +350,10 @@ def _fmt(value) -> str:
         return "-"
     if isinstance(value, str):
         return value
-    return f"{value:.0e}".replace("e-0", "e-") if value < 0.1 else f"{value:g}"
+    if value >= 0.1:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.1e}".split("e")  # 3e-3, 4.5e-3
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
 
 
 def _score(task: Task, row: dict, loss: bool = False) -> str:
@@ -360,7 +382,7 @@ def write_report(out: Path, tasks: list[Task], prepared: dict[str, Prepared]) ->
             continue
         base = prepared[task.name].majority
         steps = rows[0].get("steps") or task.steps
-        shape = f"{steps} steps of batch {task.batch_size}, max length {task.max_length}"
+        shape = f"{steps} steps of batch {task.batch_size}, max length {task.max_length}, rank {task.rank}"
         majority = f"; majority class {base:.3f}" if base else ""
         lines += [f"## {task.name}: {task.description}", "",
                   f"{task.metric} on the held-out rows after {shape}{majority}.", ""]  # fmt: skip
@@ -416,7 +438,7 @@ def auto_summary(tasks: list[Task], results: list[dict]) -> list[str]:
              "|---|---|---|---|---|"]  # fmt: skip
     for task in tasks:
         mine = [r for r in results if r["setting"]["task"] == task.name]
-        swept = [r for r in mine if "metric" in r and r["setting"]["phase"] in ("grid", "refine")
+        swept = [r for r in mine if "metric" in r and r["setting"]["phase"] in ("grid", "refine", "check")
                  and r["setting"]["method"] == "xs"]  # fmt: skip
         auto = [r for r in mine if r["setting"]["phase"] == "auto" and "lr_find" in r]
         if not swept or not auto:

@@ -1,4 +1,4 @@
-"""The adapter directory format (DESIGN.md section 2).
+"""The adapter directory format (README "Conventions and choices").
 
     ADAPTER_DIR/
         loraxs_config.json     method, rank, alpha, targets, base + factor ids, task, labels, version
@@ -12,16 +12,27 @@ as a plain LoRA and silently ignore R. Export to PEFT is `loraxs convert --to pe
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shlex
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .cache import FactorCache
 from .errors import BadInputError, DivergedError, IncompatibleError, MissingFactorsError
-from .fsutil import atomic_dir, require_regular_file
+from .fingerprint import base_record
+from .fsutil import atomic_dir, loads_json, require_absent, require_regular_file
+from .layer import inject
+from .methods import method_of
+from .models import backbone
+from .paths import loraxs_home
 
 CONFIG_FILE = "loraxs_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -116,16 +127,9 @@ def new_config(
     return AdapterConfig(
         method=method,
         rank=rank,
-        alpha=float(rank if alpha is None or method == "sb" else alpha),
+        alpha=method_of(method).adapter_alpha(rank, alpha),
         modules=sorted(modules or entry.modules),
-        base={
-            "spec": base.resolved.spec,
-            "slug": base.slug,
-            "fingerprint": base.fingerprint,
-            "model_type": base.model_type,
-            "repo_id": base.resolved.repo_id,
-            "commit": base.resolved.commit,
-        },
+        base=base_record(base),
         factors={
             "id": entry.id,
             "sha256": entry.sha256,
@@ -153,14 +157,10 @@ def save_adapter(
     head: dict[str, torch.Tensor] | None = None,
     factors: dict[str, dict[str, torch.Tensor]] | None = None,
     card: str | None = None,
-    overwrite: bool = True,
+    force: bool = True,
 ) -> Path:
-    """Write an adapter directory atomically (temp sibling, then rename into place)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise BadInputError(f"{out} exists; pass --force to replace it")
+    """Write an adapter directory atomically (fsutil.atomic_dir: temp sibling, fsync, rename)."""
+    out = require_absent(out_dir, force=force)
     config.created = config.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     config.head = sorted(head or {})
     missing = sorted(set(config.modules) - set(R))
@@ -169,12 +169,12 @@ def save_adapter(
     tensors = {f"{name}.R": R[name].detach().float().cpu().contiguous() for name in config.modules}
     tensors.update({HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in (head or {}).items()})
     _refuse_non_finite(out, tensors, trained="training" in config.extra)
-    flat = _flat_factors(factors)
+    flat = flat_factors(factors)
     config.tensors_sha256 = {WEIGHTS_FILE: tensors_sha256(tensors)}
     if flat is not None:
         config.tensors_sha256[EMBEDDED_FACTORS_FILE] = tensors_sha256(flat)
     metadata = {"format": "loraxs", "method": config.method, "rank": str(config.rank)}
-    with atomic_dir(out, replace=overwrite) as tmp:
+    with atomic_dir(out, replace=force) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         if flat is not None:
             save_file(flat, str(tmp / EMBEDDED_FACTORS_FILE), metadata={"format": "loraxs-factors"})
@@ -195,16 +195,8 @@ def _refuse_non_finite(out: Path, tensors: dict[str, torch.Tensor], *, trained: 
 
 
 def load_adapter(path: str | Path) -> Adapter:
-    """Read and validate an adapter directory, or a pack member `PACK.safetensors::NAME` (pack.py);
-    every problem is a one-line BadInputError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .pack import load_member, split_member
-
-    member = split_member(path)
-    if member is not None:
-        return load_member(*member)
+    """Read and validate an adapter directory; every problem is a one-line BadInputError. (Every
+    other way to name an adapter, `PACK::NAME` included, is sources.load_one.)"""
     root = Path(path)
     if not root.is_dir():
         raise BadInputError(f"{root}: no such adapter directory")
@@ -217,14 +209,14 @@ def load_adapter(path: str | Path) -> Adapter:
         )
         raise BadInputError(f"{root}: not a loraxs adapter (no {CONFIG_FILE}){hint}")
     try:
-        data = json.loads(config_path.read_text())
+        data = loads_json(config_path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise BadInputError(f"{config_path}: unreadable adapter config ({error})") from error
     config = AdapterConfig.from_dict(data, str(config_path))
     try:
         tensors = load_file(str(require_regular_file(root / WEIGHTS_FILE, "adapter weights file")))
         factors_file = root / EMBEDDED_FACTORS_FILE
-        flat_factors = (
+        stored_factors = (
             load_file(str(require_regular_file(factors_file, "factors file")))
             if factors_file.exists()
             else None
@@ -232,11 +224,11 @@ def load_adapter(path: str | Path) -> Adapter:
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise BadInputError(f"{root}: damaged adapter weights ({error})".splitlines()[0]) from error
     _check_tensors(root, config, WEIGHTS_FILE, tensors)
-    if flat_factors is not None:
-        _check_tensors(root, config, EMBEDDED_FACTORS_FILE, flat_factors)
+    if stored_factors is not None:
+        _check_tensors(root, config, EMBEDDED_FACTORS_FILE, stored_factors)
     elif EMBEDDED_FACTORS_FILE in config.tensors_sha256:
         raise BadInputError(f"{root}: {EMBEDDED_FACTORS_FILE} is missing; restore or retrain the adapter")
-    embedded = _group_factors(flat_factors) if flat_factors is not None else None
+    embedded = group_factors(stored_factors) if stored_factors is not None else None
     R = {name: tensors.get(f"{name}.R") for name in config.modules}
     bad = [name for name, r in R.items() if r is None or tuple(r.shape) != (config.rank, config.rank)]
     if bad:
@@ -247,7 +239,8 @@ def load_adapter(path: str | Path) -> Adapter:
     return Adapter(root, config, {k: v.float() for k, v in R.items()}, head, embedded)
 
 
-def _flat_factors(factors: dict[str, dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
+def flat_factors(factors: dict[str, dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
+    """{module: {"A", "B"[, "S"]}} as the flat float32 `<module>.<part>` tensors a file stores."""
     if factors is None:
         return None
     return {
@@ -258,9 +251,14 @@ def _flat_factors(factors: dict[str, dict[str, torch.Tensor]] | None) -> dict[st
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    from .pack import tensors_sha256 as digest
-
-    return digest(tensors)
+    """sha256 over the tensors' names, dtypes, shapes and bytes: it survives re-serialisation
+    (pack/unpack), unlike a hash of a file's bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def _check_tensors(root: Path, config: AdapterConfig, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -276,7 +274,8 @@ def _check_tensors(root: Path, config: AdapterConfig, name: str, tensors: dict[s
         )
 
 
-def _group_factors(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def group_factors(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The inverse of flat_factors: `<module>.<part>` tensors back to {module: {part: tensor}}."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
         module, _, part = key.rpartition(".")
@@ -296,8 +295,6 @@ def check_base(adapter: Adapter, fingerprint: str, spec: str) -> None:
 
 def adapter_factors(adapter: Adapter, cache=None) -> dict[str, dict[str, torch.Tensor]]:
     """The frozen factors this adapter was trained on, sliced to its rank; refuses any other set."""
-    from .cache import FactorCache
-
     rank, wanted = adapter.config.rank, adapter.config.factors
     if adapter.factors is not None:
         return {
@@ -307,8 +304,6 @@ def adapter_factors(adapter: Adapter, cache=None) -> dict[str, dict[str, torch.T
     cache = cache or FactorCache()
     entry = cache.get(wanted.get("id", ""))
     if entry is None:
-        from .paths import loraxs_home
-
         raise MissingFactorsError(
             f"factors {wanted.get('id')} of adapter {adapter.path} are not in the cache "
             f"(LORAXS_HOME={loraxs_home()}); run `{recompute_command(adapter.config)}` to recompute them "
@@ -342,8 +337,6 @@ _DTYPE_FLAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def recompute_command(config: AdapterConfig) -> str:
     """The `loraxs init` command that recomputes this adapter's factor set (the recipe it recorded)."""
-    import shlex
-
     factors = config.factors
     recipe = factors.get("recipe") or {}
     spec = config.base.get("repo_id") or config.base.get("spec")
@@ -360,23 +353,16 @@ def recompute_command(config: AdapterConfig) -> str:
             words += [flag, str(svd[key])]
     if recipe.get("weights_dtype"):
         words += ["--dtype", _DTYPE_FLAGS.get(recipe["weights_dtype"], recipe["weights_dtype"])]
-    sb = (recipe.get("extra") or {}).get("sb")
-    if factors.get("method") == "sb" or sb:
-        # LoRA-SB factors come from a gradient on training data: the same data and settings redo them.
-        sb = sb or {}
-        words += ["--method", "sb", "--data", "DATA", "--task", str(sb.get("task") or config.task)]
-        for key, flag in (("samples", "--samples"), ("eta", "--sb-lr"), ("batch_size", "--batch-size")):
-            if key in sb:
-                words += [flag, str(sb[key])]
+    method = method_of(factors.get("method"), recipe.get("extra"))
+    words += method.recompute_args(method.record(recipe.get("extra")), config.task)
     return " ".join(words)
 
 
 def _sb_data_note(config: AdapterConfig) -> str:
-    sb = ((config.factors.get("recipe") or {}).get("extra") or {}).get("sb")
-    if config.factors.get("method") != "sb" and not sb:
-        return ""
-    sha = str((sb or {}).get("data_sha256", "?"))[:12]
-    return f"; DATA is the training data, sha256 {sha}, or rerun the `loraxs train` that made them"
+    """What the recompute command needs besides the base (LoRA-SB: the training data), or ""."""
+    extra = (config.factors.get("recipe") or {}).get("extra")
+    method = method_of(config.factors.get("method"), extra)
+    return method.data_note(method.record(extra))
 
 
 def card_base_name(base: dict) -> tuple[str, bool]:
@@ -386,6 +372,20 @@ def card_base_name(base: dict) -> tuple[str, bool]:
         return str(base["repo_id"]), False
     spec = str(base.get("spec") or "unknown")
     return Path(spec.rstrip("/\\")).name or spec, True
+
+
+def card_front_matter(base: dict, tags: Sequence[str], library: str | None = None) -> list[str]:
+    """The YAML block that opens every model card loraxs writes (adapter, merged model, PEFT export):
+    library, base model (never a local path, card_base_name) and tags; then an empty line."""
+    name, local = card_base_name(base)
+    return [
+        "---",
+        *([f"library_name: {library}"] if library else []),
+        f"base_model: {name}" + ("  # local model, not a hub id" if local else ""),
+        f"tags: [{', '.join(tags)}]",
+        "---",
+        "",
+    ]
 
 
 def _describe_data(data: dict) -> str:
@@ -422,12 +422,7 @@ def default_card(config: AdapterConfig) -> str:
     params = config.rank * config.rank * len(config.modules)
     metrics = config.extra.get("metrics") or {}
     lines = [
-        "---",
-        "library_name: loraxs",
-        f"base_model: {base}" + ("  # local model, not a hub id" if local else ""),
-        "tags: [loraxs, lora-xs" + (", lora-sb" if config.method == "sb" else "") + "]",
-        "---",
-        "",
+        *card_front_matter(config.base, ("loraxs", *method_of(config.method).adapter_tags), "loraxs"),
         f"# LoRA-{config.method.upper()} adapter for {base}",
         "",
         f"- method: LoRA-{config.method.upper()}, rank {config.rank}, alpha {config.alpha:g} "
@@ -463,9 +458,6 @@ def apply_adapter(model: torch.nn.Module, adapter: Adapter, cache=None) -> dict:
 
     The caller checks the base first (`check_base`). Returns name -> XSLinear.
     """
-    from .layer import inject
-    from .models import backbone
-
     factors = adapter_factors(adapter, cache)
     layers = inject(
         backbone(model),

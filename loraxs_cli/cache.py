@@ -1,6 +1,6 @@
 """The shared, content-addressed factor cache.
 
-Layout (DESIGN.md section 2):
+Layout (README "The factor cache"):
 
     $LORAXS_HOME/factors/<base-slug>--<fingerprint>/<method>-r<r_max>-<recipe-hash>/
         factors.safetensors   "<module>.A", "<module>.B" (and "<module>.S" for LoRA-SB), float32
@@ -34,19 +34,13 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .envvars import env_number
 from .errors import BadInputError
 from .fingerprint import sha256_file
-from .fsutil import (
-    TEMP_PATTERN,
-    clean_stale_temps,
-    finish_tree,
-    publish_dir,
-    raise_if_interrupted,
-    require_regular_file,
-    safe_name,
-)
+from .fsutil import TEMP_PATTERN, atomic_dir, clean_stale_temps, loads_json, require_regular_file, safe_name
 from .paths import factors_root
 
 FACTORS_FILE = "factors.safetensors"
@@ -157,8 +151,6 @@ class FactorEntry:
             raise BadInputError(self._damaged(self._layout_problem_of_file() or "unreadable"))
 
     def _layout_problem_of_file(self) -> str | None:
-        from safetensors import SafetensorError, safe_open
-
         try:
             require_regular_file(self.file, "factors file")
         except BadInputError:
@@ -212,8 +204,6 @@ class FactorEntry:
 
     def load(self, rank: int, modules: Sequence[str] | None = None, *, verify: bool = True) -> dict:
         """{module: {"A": (r, n), "B": (m, r)[, "S": (r,)]}} for the leading `rank` components."""
-        from safetensors import SafetensorError, safe_open
-
         wanted = list(modules) if modules is not None else self.modules
         kept = self._from_memory(rank, wanted)
         if kept is not None:
@@ -273,7 +263,7 @@ class FactorEntry:
 def _read_meta(path: Path) -> dict | None:
     """The entry's meta.json, or None when it is unreadable or malformed (then it is not an entry)."""
     try:
-        meta = json.loads((path / META_FILE).read_text())
+        meta = loads_json((path / META_FILE).read_text())
     except (OSError, ValueError):
         return None
     return meta if _well_formed(meta) else None
@@ -376,42 +366,40 @@ class FactorCache:
         tensors: dict[str, torch.Tensor],
         meta: dict,
     ) -> FactorEntry:
-        """Write a new entry atomically: temp directory, permissions, fsync, rename (fsutil)."""
-        from safetensors.torch import save_file
-
+        """Write a new entry atomically: temp directory, permissions, fsync, rename (fsutil.atomic_dir)."""
         base = self.base_dir(slug, fingerprint)
         self._ensure_writable(base)
         self._clean_dead_writers(base)
         final = base / f"{recipe.method}-r{rank}-{recipe.hash}"
-        tmp = base / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temp = base / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # ENTRY_TEMP
         try:
-            tmp.mkdir()  # inside the try: a Ctrl-C right after it still removes it
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / FACTORS_FILE))
-            full_meta = {
-                "format_version": FORMAT_VERSION,
-                **meta,
-                "method": recipe.method,
-                "r_max": rank,
-                "modules": list(recipe.modules),
-                "recipe": recipe.key(),
-                "recipe_hash": recipe.hash,
-                "recipe_settings": recipe.settings_key(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "sha256": sha256_file(tmp / FACTORS_FILE),
-            }
-            (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
-            finish_tree(tmp)
-            raise_if_interrupted()
-            publish_dir(tmp, final)  # an existing entry: only when recomputing on purpose (--force)
+            # An existing entry is replaced only when recomputing on purpose (--force).
+            with atomic_dir(final, temp=temp) as tmp:
+                full_meta = self._write_entry(tmp, recipe, rank, tensors, meta)
         except OSError as error:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise BadInputError(
                 f"cannot write to the factor cache {base}: {error.strerror or error}"
             ) from error
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return FactorEntry(final, full_meta)
+
+    @staticmethod
+    def _write_entry(tmp: Path, recipe: Recipe, rank: int, tensors: dict, meta: dict) -> dict:
+        """The files of an entry, in the directory `tmp`; returns its metadata."""
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / FACTORS_FILE))
+        full_meta = {
+            "format_version": FORMAT_VERSION,
+            **meta,
+            "method": recipe.method,
+            "r_max": rank,
+            "modules": list(recipe.modules),
+            "recipe": recipe.key(),
+            "recipe_hash": recipe.hash,
+            "recipe_settings": recipe.settings_key(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "sha256": sha256_file(tmp / FACTORS_FILE),
+        }
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
+        return full_meta
 
     def remove(self, entry: FactorEntry) -> None:
         shutil.rmtree(entry.path)

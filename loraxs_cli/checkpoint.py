@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError
+from .fsutil import loads_json
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "state.safetensors"
@@ -74,7 +75,7 @@ def load_state(directory: Path) -> dict:
             f"delete {directory.parent}"
         )
     try:
-        header = json.loads((directory / STATE_FILE).read_bytes())
+        header = loads_json((directory / STATE_FILE).read_bytes())
         blob = (directory / TENSORS_FILE).read_bytes()
     except (OSError, ValueError) as error:
         raise BadInputError(f"{directory}: damaged checkpoint ({error})".splitlines()[0]) from None

@@ -27,9 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+from transformers.models.auto import modeling_auto
 
+from .adapter import AdapterConfig, adapter_factors, card_front_matter, new_config, save_adapter
 from .errors import BadInputError, IncompatibleError, UsageError
-from .fsutil import atomic_dir, check_output
+from .fingerprint import base_record
+from .fsutil import atomic_dir, check_output, loads_json
+from .initialize import FactorRequest, describe_base, ensure_factors, plan_factors
+from .methods import METHOD_NAMES, SB, XS
+from .paths import factors_root
+from .sources import load_one, spec_path
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -54,16 +66,13 @@ _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[\w-]+\.")
 # |A A^T - I| and |B^T B - I| of orthonormal factors rounded to bf16 stay below 2 * 2^-8 (Cauchy-Schwarz
 # on the rounding errors); LoRA-XS's A A^T = diag(S^2) is that close to I only if every S_i is about 1.
 ORTHONORMAL_TOL = 0.02
-METHODS = ("auto", "xs", "sb")
+METHODS = ("auto", *METHOD_NAMES)
 
 
 def head_prefix(model_type: str, task: str | None) -> str:
     """Where the backbone sits inside the model PEFT wraps: 'model.' in LlamaForCausalLM, '' in LlamaModel."""
     if task is None:
         return ""
-    import transformers
-    from transformers.models.auto import modeling_auto
-
     names = (
         modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         if task == "causal-lm"
@@ -83,13 +92,10 @@ def export_peft(
 ) -> dict:
     """Write a PEFT LoRA directory that PEFT loads as is, with the adapter's exact update.
 
-    Servers that refuse `modules_to_save` (vLLM) load it too when it has no task head.
+    Servers that refuse `modules_to_save` (vLLM) load it too when it has no task head. The adapter is
+    any single-adapter spec (sources.load_one: a directory or a pack member).
     """
-    from safetensors.torch import save_file
-
-    from .adapter import adapter_factors, load_adapter
-
-    adapter = load_adapter(adapter_dir)
+    adapter = load_one(adapter_dir)
     cfg = adapter.config
     out = _check_out(out, force, adapter_dir)
     rank = pad_rank or cfg.rank
@@ -145,7 +151,8 @@ def export_peft(
 def write_peft_config(directory: Path, fields: dict) -> str:
     """adapter_config.json through peft.LoraConfig(...).save_pretrained when peft is installed, so the
     schema is PEFT's own; otherwise the same fields with PEFT's names and defaults. Returns which."""
-    try:
+    try:  # peft is optional (not a dependency): imported only here, where it writes the config
+        import peft
         from peft import LoraConfig
     except ImportError:
         config = {
@@ -159,8 +166,6 @@ def write_peft_config(directory: Path, fields: dict) -> str:
         }
         (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return "loraxs"
-    import peft
-
     LoraConfig(**fields).save_pretrained(str(directory))
     return f"peft {peft.__version__}"
 
@@ -177,17 +182,9 @@ def peft_factors(parts: dict, R: torch.Tensor, rank: int) -> tuple[torch.Tensor,
 
 
 def _peft_card(adapter, config: dict, labels: bool) -> str:
-    from .adapter import card_base_name
-
     cfg = adapter.config
-    base, local = card_base_name(cfg.base)  # the card never names a local path (the config must)
     lines = [
-        "---",
-        "library_name: peft",
-        f"base_model: {base}" + ("  # local model, not a hub id" if local else ""),
-        "tags: [lora, loraxs-export]",
-        "---",
-        "",
+        *card_front_matter(cfg.base, ("lora", "loraxs-export"), "peft"),  # never a local path
         f"# PEFT LoRA exported from a LoRA-{cfg.method.upper()} adapter",
         "",
         f"- rank {config['r']} (LoRA-XS rank {cfg.rank}), lora_alpha {config['lora_alpha']:g}, "
@@ -254,7 +251,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise BadInputError(f"{path.parent}: not a LoRA adapter directory (no {path.name})")
     try:
-        data = json.loads(path.read_text())
+        data = loads_json(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise BadInputError(f"{path}: unreadable ({error})".splitlines()[0]) from error
     if not isinstance(data, dict):
@@ -263,9 +260,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_weights(root: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         if (root / PEFT_WEIGHTS).is_file():
             return load_file(str(root / PEFT_WEIGHTS))
@@ -414,9 +408,6 @@ def head_rows(base, head: dict[str, torch.Tensor]) -> int | None:
 
 def _classifier_linears(config) -> list[str]:
     """Linear layers of the model's sequence-classification class, in module order (meta device)."""
-    from torch import nn
-    from transformers import AutoModelForSequenceClassification
-
     try:
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(config)
@@ -462,9 +453,6 @@ def import_peft(
     src: str | Path, model: str, out: str | Path, *, rank: int | None = None, force=False, on_module=None
 ) -> dict:
     """Project a PEFT LoRA onto the cached LoRA-XS factors of `model` (computed now on a miss)."""
-    from .adapter import new_config, save_adapter
-    from .initialize import FactorRequest, describe_base, ensure_factors, plan_factors
-
     out = _check_out(out, force, src)
     base = describe_base(model)
     _check_out(out, True, base.resolved.path, what="the base model")
@@ -497,7 +485,7 @@ def import_peft(
     config = new_config(
         base, entry, rank=rank, alpha=rank, modules=modules, task=foreign.task, labels=labels, extra=extra
     )
-    save_adapter(out, config, R, head=foreign.head, overwrite=force)
+    save_adapter(out, config, R, head=foreign.head, force=force)
     return {
         "out": str(out),
         "rank": rank,
@@ -525,9 +513,6 @@ def import_official(
 
     `method` "auto" tells LoRA-SB (A and B both orthonormal) from LoRA-XS (A = S V^T) by the factors.
     """
-    from .adapter import AdapterConfig, save_adapter
-    from .initialize import describe_base
-
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}: use {', '.join(METHODS)}")
     out = _check_out(out, force, src)
@@ -560,21 +545,14 @@ def import_official(
         rank=rank,
         alpha=alpha,
         modules=modules,
-        base={
-            "spec": model,
-            "slug": base.slug,
-            "fingerprint": base.fingerprint,
-            "model_type": base.model_type,
-            "repo_id": base.resolved.repo_id,
-            "commit": base.resolved.commit,
-        },
+        base=base_record(base),
         factors={"id": "embedded", "sha256": digest.hexdigest(), "r_max": rank, "method": chosen},
         task=foreign.task,
         labels=foreign.labels,
         extra={"converted_from": source},
     )
     R = {m: foreign.parts[m]["R"] for m in modules}
-    save_adapter(out, config, R, head=foreign.head, factors=factors, overwrite=force)
+    save_adapter(out, config, R, head=foreign.head, factors=factors, force=force)
     return {
         "out": str(out),
         "method": chosen,
@@ -597,10 +575,10 @@ def detect_method(factors: dict[str, dict[str, torch.Tensor]]) -> str:
         a, b = parts["A"].double(), parts["B"].double()
         eye = torch.eye(a.shape[0], dtype=torch.float64)
         if float((a @ a.T - eye).abs().max()) > ORTHONORMAL_TOL:
-            return "xs"
+            return XS.name
         if float((b.T @ b - eye).abs().max()) > ORTHONORMAL_TOL:
-            return "xs"
-    return "sb"
+            return XS.name
+    return SB.name
 
 
 def _reconstr_config(root: Path) -> dict | None:
@@ -621,7 +599,4 @@ def _reconstr_config(root: Path) -> dict | None:
 def _check_out(out: str | Path, force: bool, source: str | Path, what: str = "the source adapter") -> Path:
     """The --out of a conversion: refused when it overlaps what it reads (`source`, the factor
     cache), then when it exists without --force (fsutil.check_output)."""
-    from .pack import source_path
-    from .paths import factors_root
-
-    return check_output(out, {what: source_path(source), "the factor cache": factors_root()}, force=force)
+    return check_output(out, {what: spec_path(source), "the factor cache": factors_root()}, force=force)

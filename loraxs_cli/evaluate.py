@@ -1,7 +1,7 @@
 """Metrics and generation: loss/perplexity, classification and regression scores, exact match.
 
-Scores come from scikit-learn and scipy; this module only gathers predictions. The loss helpers are
-shared with training so that "eval loss" means the same thing everywhere.
+Scores come from scikit-learn and scipy; this module only gathers predictions. The loss is
+objective.loss_sum, the one training uses, so that "eval loss" means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -13,56 +13,26 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
 
-from .data import IGNORE_INDEX, Example, collate
+from . import data as datamod
+from .adapter import apply_adapter
+from .data import Example, collate
 from .devices import parse_device
+from .errors import IncompatibleError, UsageError
+from .generate import generate_batched
+from .initialize import describe_base
+from .layer import remove
+from .models import backbone, evaluating, head_kwargs, load_model, load_tokenizer
+from .multi import group_by_factors, load_multi
+from .objective import loss_sum, model_inputs
+from .sources import check_bases, load_adapters
+from .tasks import check_architecture, resolve_task
 
 # The last number in a text, or what follows a "####" marker (GSM8K style) when there is one.
 MARKER_PATTERN = r"####\s*(-?[\d,]*\.?\d+)"
 NUMBER_PATTERN = r"-?\d[\d,]*\.?\d*|-?\.\d+"
-
-HIGHER_IS_BETTER = {"accuracy", "macro_f1", "mcc", "pearson", "spearman", "exact_match"}
-
-
-def default_metric(task: str) -> str:
-    return {"seq-cls": "accuracy", "regression": "pearson"}.get(task, "loss")
-
-
-def is_better(metric: str, value: float, best: float | None) -> bool:
-    if best is None or math.isnan(best):
-        return not math.isnan(value)
-    return value > best if metric in HIGHER_IS_BETTER else value < best
-
-
-def improves(metric: str, metrics: dict, best: dict | None) -> bool:
-    """Whether eval `metrics` beat the kept `best` (a dict with "value" and "metrics"): by `metric`;
-    on a tie, the lower eval loss wins; on a tie of both, the later evaluation (it trained longer)."""
-    value, previous = metrics[metric], None if best is None else best["value"]
-    if is_better(metric, value, previous):
-        return True
-    if previous is None or value != previous:
-        return False
-    loss, best_loss = metrics.get("loss"), (best.get("metrics") or {}).get("loss")
-    if metric != "loss" and loss is not None and best_loss is not None and loss != best_loss:
-        return loss < best_loss
-    return True
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
-    """Summed loss and the number of terms: tokens for causal-lm, examples otherwise (float32)."""
-    logits = logits.float()
-    if task == "causal-lm":
-        shifted, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-        count = int((targets != IGNORE_INDEX).sum())
-        return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum"), count
-    if task == "seq-cls":
-        return F.cross_entropy(logits, labels, reduction="sum"), labels.shape[0]
-    return F.mse_loss(logits.view(-1), labels.view(-1), reduction="sum"), labels.shape[0]
-
-
-def model_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
 
 
 def by_length(examples: Sequence[Example], batch_size: int) -> list[list[Example]]:
@@ -84,47 +54,52 @@ def evaluate_examples(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Loss and perplexity (causal-lm); accuracy, macro-F1, MCC (seq-cls); correlations (regression)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    predictions: list = []
-    targets: list = []
-    try:
+    scores = Accumulator(task)
+    with evaluating(model):
         for chunk in by_length(examples, batch_size):
             batch = collate(chunk, pad_id, task)
             with autocast() if autocast else nullcontext():
                 logits = model(**model_inputs(batch, device)).logits
-            labels = batch["labels"].to(logits.device)
-            summed, n = loss_sum(logits, labels, task)
-            total, count = total + float(summed), count + n
-            if task == "seq-cls":
-                predictions += logits.argmax(-1).tolist()
-                targets += labels.tolist()
-            elif task == "regression":
-                predictions += logits.float().view(-1).tolist()
-                targets += labels.tolist()
+            scores.add(logits, batch["labels"].to(logits.device))
             if on_batch:
                 on_batch(len(chunk))
-    finally:
-        model.train(was_training)
-    return _metrics(task, total, count, predictions, targets, len(examples))
+    return scores.metrics(len(examples))
 
 
-def _metrics(task: str, total: float, count: int, predictions: list, targets: list, examples: int) -> dict:
-    loss = total / max(count, 1)
-    metrics = {"loss": loss, "examples": examples}
-    if task == "causal-lm":
-        metrics.update(perplexity=math.exp(min(loss, 700)), tokens=count)
-    elif task == "seq-cls":
-        metrics.update(classification_scores(targets, predictions))
-    else:
-        metrics.update(regression_scores(targets, predictions))
-    return metrics
+@dataclass
+class Accumulator:
+    """The summed loss and the predictions of one model (or of one adapter in a stacked pass) over
+    the batches of an evaluation; `metrics` turns them into the scores of the task."""
+
+    task: str
+    total: float = 0.0
+    count: int = 0
+    predictions: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        summed, count = loss_sum(logits, labels, self.task)
+        self.total, self.count = self.total + float(summed), self.count + count
+        if self.task == "seq-cls":
+            self.predictions += logits.argmax(-1).tolist()
+            self.targets += labels.tolist()
+        elif self.task == "regression":
+            self.predictions += logits.float().view(-1).tolist()
+            self.targets += labels.tolist()
+
+    def metrics(self, examples: int) -> dict:
+        loss = self.total / max(self.count, 1)
+        metrics = {"loss": loss, "examples": examples}
+        if self.task == "causal-lm":
+            metrics.update(perplexity=math.exp(min(loss, 700)), tokens=self.count)
+        elif self.task == "seq-cls":
+            metrics.update(classification_scores(self.targets, self.predictions))
+        else:
+            metrics.update(regression_scores(self.targets, self.predictions))
+        return metrics
 
 
 def classification_scores(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
     return {
         "accuracy": float(accuracy_score(targets, predictions)),
         "macro_f1": float(f1_score(targets, predictions, average="macro", zero_division=0)),
@@ -133,9 +108,6 @@ def classification_scores(targets: Sequence[int], predictions: Sequence[int]) ->
 
 
 def regression_scores(targets: Sequence[float], predictions: Sequence[float]) -> dict[str, float]:
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import mean_squared_error
-
     constant = len(set(predictions)) < 2 or len(set(targets)) < 2
     return {
         "pearson": float("nan") if constant else float(pearsonr(targets, predictions)[0]),
@@ -182,39 +154,22 @@ def generate_texts(
     device: torch.device | str = "cpu",
     on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Batched greedy decoding with left padding and the KV cache; returns only the new text."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
+    """Batched greedy decoding with left padding and the KV cache (generate.generate_batched, the one
+    generation loop); returns only the new text, in prompt order."""
     outputs = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    try:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            enc = tokenizer(
-                [prompts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            generated = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
-            )
-            texts = tokenizer.batch_decode(
-                generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            for i, text in zip(index, texts, strict=True):
-                outputs[i] = text
-            if on_batch:
-                on_batch(len(index))
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    generated = generate_batched(
+        model, tokenizer, prompts, [-1] * len(prompts), None,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+    )  # fmt: skip
+    for position, text in generated:
+        outputs[position] = text
+        if on_batch:
+            on_batch(1)
     return outputs
 
 
 def exact_match(predicted: Sequence[str], references: Sequence[str], pattern: str | None = None) -> float:
     """Share of generations whose extracted final answer equals the reference's."""
-    from sklearn.metrics import accuracy_score
-
     got = [str(extract_answer(p, pattern)) for p in predicted]
     want = [str(extract_answer(r, pattern) or r.strip()) for r in references]
     return float(accuracy_score(want, got)) if want else float("nan")
@@ -240,20 +195,27 @@ class EvalRequest:
     dtype: str = "auto"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse a request no evaluation can run (a usage error, before anything is read)."""
+        counts = {"--batch-size": self.batch_size, "--max-length": self.max_length,
+                  "--max-new-tokens": self.max_new_tokens, "--limit": self.limit}  # fmt: skip
+        for flag, value in counts.items():
+            if value is not None and value <= 0:
+                raise UsageError(f"{flag} must be positive, got {value}")
+        if self.answer_regex:
+            try:
+                re.compile(self.answer_regex)
+            except re.error as error:
+                raise UsageError(f"--answer-regex is not a valid regex: {error}") from None
+
 
 def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
-    """Evaluate the base model (no adapters) or each adapter on the same data; one dict per row."""
-    from . import data as datamod
-    from .adapter import apply_adapter, check_base, load_adapter
-    from .initialize import describe_base
-    from .layer import remove
-    from .models import backbone, head_kwargs, load_model, load_tokenizer
-    from .tasks import check_architecture
-
+    """Evaluate the base model (no adapters) or each adapter (any spec, sources.py: a pack stands for
+    all its members) on the same data; one dict per row."""
     base = describe_base(request.model, dtype=request.dtype)
-    adapters = [load_adapter(path) for path in request.adapters]
-    for adapter in adapters:
-        check_base(adapter, base.fingerprint, request.model)
+    # Names need not be unique: a run's adapter/ and best/ are compared side by side.
+    _, adapters = load_adapters(request.adapters, unique=False)
+    check_bases(adapters, base, request.model)
     rows = datamod.read_rows(request.data)[: request.limit or None]
     task = _eval_task(request, adapters, rows)
     check_architecture(task, base.config, request.model)
@@ -306,9 +268,6 @@ def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
 
 def _eval_task(request: EvalRequest, adapters, rows) -> str:
     """--task, else the adapters' task, else the one the rows are shaped for; checked against the rows."""
-    from .errors import IncompatibleError
-    from .tasks import resolve_task
-
     tasks = {a.config.task for a in adapters if a.config.task}
     if len(tasks) > 1:
         raise IncompatibleError(f"the adapters were trained for different tasks ({', '.join(sorted(tasks))})")
@@ -320,8 +279,6 @@ def _eval_task(request: EvalRequest, adapters, rows) -> str:
 
 def _generation_prompts(request: EvalRequest, rows, tokenizer) -> list[str]:
     """Each row's prompt; one that with --max-new-tokens passes the model's positions is bad input."""
-    from . import data as datamod
-
     prompts = [datamod.prompt_text(row, tokenizer) for row in rows]
     for row, prompt in zip(rows, prompts, strict=True):
         datamod.check_generation_fits(row, prompt, tokenizer, request.max_new_tokens)
@@ -329,8 +286,6 @@ def _generation_prompts(request: EvalRequest, rows, tokenizer) -> list[str]:
 
 
 def _generation_measure(request: EvalRequest, rows, tokenizer):
-    from . import data as datamod
-
     prompts = _generation_prompts(request, rows, tokenizer)
     references = [datamod.reference_answer(row) for row in rows]
 
@@ -362,8 +317,6 @@ def _generation_measure(request: EvalRequest, rows, tokenizer):
 
 def _run_stacked(model, adapters, task: str, device, run, on_batch) -> list[dict]:
     """One pass per factor set over all its adapters; one result row per adapter, in request order."""
-    from .multi import group_by_factors, load_multi
-
     names = [str(a.path) for a in adapters]
     results: list[dict] = [{}] * len(adapters)
     for group in group_by_factors(adapters):
@@ -386,39 +339,23 @@ def evaluate_stacked(
     each example repeated per adapter (adapter-major); the metrics of each adapter as if alone."""
     n = len(multi.names)
     per_chunk = max(1, batch_size // n)
-    totals, counts = [0.0] * n, [0] * n
-    predictions: list[list] = [[] for _ in range(n)]
-    targets: list[list] = [[] for _ in range(n)]
-    was_training = model.training
-    model.eval()
-    try:
+    scores = [Accumulator(task) for _ in range(n)]
+    with evaluating(model):
         for chunk in by_length(examples, per_chunk):
             batch = collate(chunk, pad_id, task)
             inputs = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in model_inputs(batch, device).items()}
             with multi.select(torch.arange(n).repeat_interleave(len(chunk))):
                 logits = model(**inputs).logits
             labels = batch["labels"].to(logits.device)
-            for a, part in enumerate(logits.split(len(chunk))):
-                summed, count = loss_sum(part, labels, task)
-                totals[a], counts[a] = totals[a] + float(summed), counts[a] + count
-                if task == "seq-cls":
-                    predictions[a] += part.argmax(-1).tolist()
-                    targets[a] += labels.tolist()
-                elif task == "regression":
-                    predictions[a] += part.float().view(-1).tolist()
-                    targets[a] += labels.tolist()
+            for accumulator, part in zip(scores, logits.split(len(chunk)), strict=True):
+                accumulator.add(part, labels)
             if on_batch:
                 on_batch(len(chunk) * n)
-    finally:
-        model.train(was_training)
-    return [_metrics(task, totals[a], counts[a], predictions[a], targets[a], len(examples)) for a in range(n)]
+    return [accumulator.metrics(len(examples)) for accumulator in scores]
 
 
 def _stacked_measure(request: EvalRequest, rows, tokenizer, task: str):
     """Generation with every adapter: each prompt once per adapter, rows mixed in each batch."""
-    from . import data as datamod
-    from .generate import generate_batched
-
     prompts = _generation_prompts(request, rows, tokenizer)
     references = [datamod.reference_answer(row) for row in rows]
 

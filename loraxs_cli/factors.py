@@ -1,6 +1,6 @@
 """Frozen factors: truncated SVD of each target weight (LoRA-XS), computed layer by layer.
 
-Conventions (DESIGN.md section 1): for W (m, n) ~ U_r S_r V_r^T, B = U_r and A = S_r V_r^T,
+Conventions (README "Conventions and choices"): for W (m, n) ~ U_r S_r V_r^T, B = U_r and A = S_r V_r^T,
 always in float32, with canonical signs so that the same weights give the same factors on every
 run and every device.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .fsutil import require_regular_file, write_text_atomic
+from .fsutil import loads_json, require_regular_file, write_text_atomic
 from .models import ResolvedModel, weight_files
 from .paths import loraxs_home
 
@@ -58,7 +58,7 @@ def _cached_file_sha256(path: Path) -> str:
 
 def _read_memo(path: Path) -> dict[str, str]:
     try:
-        data = json.loads(path.read_text())
+        data = loads_json(path.read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -82,3 +82,16 @@ def fingerprint(resolved: ResolvedModel) -> str:
         parts["commit"] = resolved.commit
     blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def base_record(base) -> dict:
+    """How adapters, factor sets and imports record their base (an initialize.BaseInfo): what the
+    user named, the cache slug, the fingerprint, the model type and, from the hub, repo and commit."""
+    return {
+        "spec": base.resolved.spec,
+        "slug": base.slug,
+        "fingerprint": base.fingerprint,
+        "model_type": base.model_type,
+        "repo_id": base.resolved.repo_id,
+        "commit": base.resolved.commit,
+    }

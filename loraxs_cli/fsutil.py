@@ -25,6 +25,7 @@ One implementation of each rule, so no command can get it wrong on its own:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import BadInputError
+from .paths import temp_sibling
 
 # `.NAME.tmp-PID-HEX` (a write in progress) and `.NAME.old-PID-HEX` (an output being replaced).
 TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{6,32})$")
@@ -93,6 +95,16 @@ def interrupt_guard() -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------
 # names, inputs and outputs
+
+
+def loads_json(text: str | bytes):
+    """json.loads for files a user or another tool wrote: nesting too deep for the parser (a crafted
+    `[[[[...]]]]`) is a ValueError like any other malformed JSON, which every reader turns into a
+    one-line bad-input error, rather than a RecursionError that would end in "internal error"."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def safe_name(name: object, what: str = "name") -> str:
@@ -190,6 +202,13 @@ def check_output(
             f"{option} {path} {relation} {label} ({given}): writing it would destroy an input; "
             f"choose an {option} outside the inputs (with or without --force)"
         )
+    return require_absent(path, force=force)
+
+
+def require_absent(out: str | Path, *, force: bool) -> Path:
+    """The one exists/--force check of every output: `out` unless it exists (a dangling symlink
+    counts) and `force` is off, a one-line BadInputError then. Returns `out` as a Path."""
+    path = Path(out)
     if (path.exists() or path.is_symlink()) and not force:
         raise BadInputError(f"{path} exists; pass --force to replace it")
     return path
@@ -203,8 +222,6 @@ def temp_path(target: str | Path, kind: str = "tmp") -> Path:
     """A hidden sibling of `target` that names its owner: `.NAME.tmp-PID-HEX` (`kind` "old": an
     output moved aside while its replacement goes in, `.NAME.old-PID-HEX`). A name near the file-name
     limit is cut (paths.temp_sibling)."""
-    from .paths import temp_sibling
-
     tmp = temp_sibling(target)
     if kind == "tmp":
         return tmp
@@ -337,10 +354,8 @@ def publish_dir(new: str | Path, target: str | Path, *, replace: bool = True) ->
     """Put the finished directory `new` at `target`. An existing target (with `replace`) is renamed
     aside first (`.NAME.old-PID-HEX`) and removed only once `new` is in place; if the second rename
     fails it is put back. The parent directory is fsynced."""
-    new, target = Path(new), Path(target)
+    new, target = Path(new), require_absent(target, force=replace)
     if target.exists() or target.is_symlink():
-        if not replace:
-            raise BadInputError(f"{target} exists; pass --force to replace it")
         old = temp_path(target, "old")
         os.rename(target, old)
         try:
@@ -357,16 +372,21 @@ def publish_dir(new: str | Path, target: str | Path, *, replace: bool = True) ->
 
 @contextmanager
 def atomic_dir(
-    target: str | Path, *, replace: bool = True, publish_interrupted: bool = False
+    target: str | Path,
+    *,
+    replace: bool = True,
+    publish_interrupted: bool = False,
+    temp: str | Path | None = None,
 ) -> Iterator[Path]:
     """Yield an empty temporary directory beside `target`; when the block ends normally its files are
     given the umask's permissions and fsynced and it is published at `target` (`publish_dir`). On an
     exception, or after Ctrl-C (unless `publish_interrupted`: a checkpoint written on purpose when
-    interrupted), it is removed and the previous `target` is left as it was."""
+    interrupted), it is removed and the previous `target` is left as it was. `temp` names the
+    temporary (a sibling whose name a reader of the parent skips) instead of `temp_path(target)`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(target.parent)
-    tmp = temp_path(target)
+    tmp = temp_path(target) if temp is None else Path(temp)
     try:
         tmp.mkdir()  # inside the try: a Ctrl-C right after it still removes it
         yield tmp
@@ -394,8 +414,7 @@ def atomic_path(
         finish_file(tmp)
         if not publish_interrupted:
             raise_if_interrupted()
-        if not replace and (target.exists() or target.is_symlink()):
-            raise BadInputError(f"{target} exists; pass --force to replace it")
+        require_absent(target, force=replace)
         os.replace(tmp, target)
         fsync_path(target.parent)
     finally:

@@ -9,17 +9,21 @@ Results are streamed, one JSON line per prompt as its batch finishes, with the r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .data import check_generation_fits, prompt_text, read_rows
 from .devices import parse_device
 from .errors import BadInputError, IncompatibleError, UsageError
-from .paths import split_name
+from .initialize import describe_base
+from .models import evaluating, load_model, load_tokenizer
+from .multi import group_by_factors, load_multi
+from .sources import RUN_ADAPTER_DIRS, check_bases, default_name, input_paths, load_adapters
 
-# What `loraxs train` writes in a run directory: such an adapter is named after the run.
-RUN_ADAPTER_DIRS = ("adapter", "best")
+__all__ = ["RUN_ADAPTER_DIRS", "GenerateRequest", "default_name", "generate_batched", "run_generate"]
 
 
 @dataclass
@@ -35,58 +39,20 @@ class GenerateRequest:
     device: str | None = None
     dtype: str = "auto"
 
-
-def default_name(source: str) -> str:
-    """The name of an adapter given without NAME=: a pack member's member name, else the directory's
-    name, except a run's `adapter/` or `best/` (runs/alice/adapter -> alice)."""
-    from .pack import MEMBER_SEPARATOR
-
-    if MEMBER_SEPARATOR in source:
-        return source.rpartition(MEMBER_SEPARATOR)[2]
-    path = Path(source)
-    if path.name in RUN_ADAPTER_DIRS and path.parent.name not in ("", ".", ".."):
-        return path.parent.name
-    if path.name in RUN_ADAPTER_DIRS:  # ./adapter: the run is the current directory
-        return path.resolve().parent.name
-    return path.name
-
-
-def parse_adapter_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """(name, source) for each spec. NAME=SOURCE names it; otherwise see default_name; a pack file
-    alone stands for all its members. Two adapters with one name are refused, naming both."""
-    from .pack import MEMBER_SEPARATOR, is_pack_file, pack_names
-
-    named: list[tuple[str, str]] = []
-    for spec in specs:
-        name, source = split_name(spec)  # NAME=DIR, unless the whole spec is a path
-        if name is None and is_pack_file(source):
-            named += [(member, f"{source}{MEMBER_SEPARATOR}{member}") for member in pack_names(source)]
-            continue
-        named.append((name or default_name(source), source))
-    seen: dict[str, str] = {}
-    for name, source in named:
-        if not name:
-            raise UsageError(f"adapter {source!r} has no name: use NAME={source}")
-        if name in seen:
-            raise UsageError(
-                f"two adapters are named {name!r} ({seen[name]} and {source}): "
-                f"name them apart with NAME=DIR, e.g. {name}-2={source}"
-            )
-        seen[name] = source
-    return named
+    def __post_init__(self) -> None:
+        """Refuse a request no generation can run (a usage error, before anything is read)."""
+        for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--batch-size", self.batch_size)):
+            if value <= 0:
+                raise UsageError(f"{flag} must be positive, got {value}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
 
 
 def generate_inputs(request: GenerateRequest) -> dict[str, Path]:
     """What `generate` reads, which its --out may not overlap: the prompts, the model (a local one),
     every adapter directory or pack, and the factor cache."""
-    from .pack import source_path
-    from .paths import factors_root
-
     inputs = {"the prompts file": Path(request.prompts), "the model": Path(request.model)}
-    for name, source in parse_adapter_specs(request.adapters):
-        inputs[f"the adapter {name!r}"] = source_path(source)
-    inputs["the factor cache"] = factors_root()
-    return inputs
+    return {**inputs, **input_paths(request.adapters)}
 
 
 def require_causal_lm(names: Sequence[str], adapters: Sequence) -> None:
@@ -105,8 +71,6 @@ def read_prompts(
 ) -> list[tuple[int | None, str]]:
     """(adapter index or None, prompt text) per row; an unknown adapter name, or a prompt that with
     `max_new_tokens` passes the model's positions, is an error at its line."""
-    from .data import check_generation_fits, prompt_text, read_rows
-
     position = {name: i for i, name in enumerate(names)}
     prompts = []
     for row in read_rows(path):
@@ -140,62 +104,41 @@ def generate_batched(
     device: torch.device | str = "cpu",
 ) -> Iterator[tuple[int, str]]:
     """Yield (position in `prompts`, new text) batch by batch; prompt i uses adapter index[i]
-    (-1 none) of `multi` (a MultiAdapters, or None for the bare base). Left padding, KV cache."""
+    (-1 none) of `multi` (a MultiAdapters, or None for the bare base; `index` is then ignored).
+    Left padding, KV cache; greedy unless `temperature` > 0. The one generation loop: `generate`
+    and `eval --generate` (evaluate.generate_texts) both run it."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    was_training = model.training
-    model.eval()
-    try:
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            enc = tokenizer(
-                [prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            selected = multi.select([index[i] for i in rows]) if multi is not None else _nothing()
-            with selected:
-                generated = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
+    with evaluating(model):
+        try:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                enc = tokenizer(
+                    [prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                selected = multi.select([index[i] for i in rows]) if multi is not None else nullcontext()
+                with selected:
+                    generated = model.generate(
+                        **enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling
+                    )
+                texts = tokenizer.batch_decode(
+                    generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
                 )
-            texts = tokenizer.batch_decode(
-                generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            yield from zip(rows, texts, strict=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
+                yield from zip(rows, texts, strict=True)
+        finally:
+            tokenizer.padding_side = side
 
 
 def load_named(specs: Sequence[str], base) -> tuple[list[str], list]:
-    """Load NAME=SOURCE adapters and check each against the base (exit 4 on another base)."""
-    from .adapter import check_base, load_adapter
-    from .pack import MEMBER_SEPARATOR, load_members, split_member
-
-    named = parse_adapter_specs(specs)
-    members: dict[str, list[str]] = {}  # pack -> member names: each pack is opened once
-    for _, source in named:
-        member = split_member(source)
-        if member is not None:
-            members.setdefault(member[0], []).append(member[1])
-    loaded = {
-        f"{pack}{MEMBER_SEPARATOR}{name}": adapter
-        for pack, names in members.items()
-        for name, adapter in zip(names, load_members(pack, names), strict=True)
-    }
-    adapters = [loaded.get(source) or load_adapter(source) for _, source in named]
-    names = [name for name, _ in named]
+    """Load the adapters the specs name (sources.py) and check each against the base (exit 4 on
+    another base or a task that does not generate)."""
+    names, adapters = load_adapters(specs)
     require_causal_lm(names, adapters)
-    for adapter in adapters:
-        check_base(adapter, base.fingerprint, base.resolved.spec)
+    check_bases(adapters, base)
     return names, adapters
 
 
@@ -206,12 +149,6 @@ def run_generate(
 ) -> int:
     """Generate for every prompt row, calling emit({"row", "adapter", "prompt", "output"}) as
     batches finish. Adapters of different factor sets run as separate groups. Returns the row count."""
-    from .initialize import describe_base
-    from .models import load_model, load_tokenizer
-    from .multi import group_by_factors, load_multi
-
-    if request.temperature < 0 or not 0 < request.top_p <= 1:
-        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     base = describe_base(request.model, dtype=request.dtype)
     names, adapters = load_named(request.adapters, base)
     tokenizer = load_tokenizer(base.resolved)

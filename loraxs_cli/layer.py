@@ -16,32 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from loraxs_cli.errors import BadInputError, IncompatibleError
+from .errors import BadInputError, IncompatibleError
+from .linear import delta_weight, is_linear, weight_matrix
 
 __all__ = ["XSLinear", "inject", "remove", "xs_modules"]
-
-
-def _conv1d_type() -> type | None:
-    """GPT-2's Conv1D (weight stored (in, out)); None if transformers is unavailable."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        return None
-    return Conv1D
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def _is_target(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _weight_matrix(base: nn.Module) -> Tensor:
-    """The (out, in) view of a Linear or Conv1D weight: the W of the math."""
-    return base.weight.t() if _is_conv1d(base) else base.weight
 
 
 def _no_autocast(device_type: str):
@@ -108,12 +86,12 @@ class XSLinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if not _is_target(base):
+        if not is_linear(base):
             raise BadInputError(
                 f"cannot wrap a {type(base).__name__}: LoRA-XS targets nn.Linear or GPT-2 Conv1D layers"
             )
         _check_factor_shapes(type(base).__name__, base, A, B, R)
-        w = _weight_matrix(base)
+        w = weight_matrix(base)
         self.base = base
         base.requires_grad_(False)
         self.scaling = float(scaling)
@@ -143,11 +121,11 @@ class XSLinear(nn.Module):
 
     def base_weight_matrix(self) -> Tensor:
         """The base weight as the (m, n) W of the math (a transposed view for Conv1D)."""
-        return _weight_matrix(self.base)
+        return weight_matrix(self.base)
 
     def delta_weight(self) -> Tensor:
         """s * B R A as float32 (m, n): what a merge adds to W."""
-        return self.scaling * (self.B.float() @ self.R.float() @ self.A.float())
+        return delta_weight(self.A, self.B, self.R, self.scaling)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -165,7 +143,7 @@ class XSLinear(nn.Module):
 
 def _check_factor_shapes(name: str, base: nn.Module, A: Tensor, B: Tensor, R: Tensor | None) -> None:
     """Shapes must match the layer; a mismatch means factors computed for another model."""
-    m, n = _weight_matrix(base).shape
+    m, n = weight_matrix(base).shape
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != n or B.shape[0] != m or B.shape[1] != A.shape[0]:
         raise IncompatibleError(
             f"factors for {name} do not fit its ({m}, {n}) weight: A is {tuple(A.shape)}, "
@@ -192,7 +170,7 @@ def _resolve_targets(model: nn.Module, names) -> dict[str, nn.Module]:
         parent = modules[name.rpartition(".")[0]]
         if isinstance(mod, XSLinear) or isinstance(parent, XSLinear):
             raise BadInputError(f"module {name!r} already has a LoRA-XS adapter; remove() it first")
-        if not _is_target(mod):
+        if not is_linear(mod):
             raise BadInputError(
                 f"module {name!r} is a {type(mod).__name__}, not nn.Linear or Conv1D; "
                 "only linear layers can take a LoRA-XS adapter"

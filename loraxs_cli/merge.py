@@ -18,9 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
+from .adapter import adapter_factors, apply_adapter, card_base_name, card_front_matter, check_base
 from .errors import BadInputError, IncompatibleError
-from .fsutil import atomic_dir, check_output, raise_if_interrupted
+from .fsutil import atomic_dir, check_output, loads_json, raise_if_interrupted
+from .initialize import describe_base
+from .linear import merge_delta
+from .methods import method_of
+from .models import ResolvedModel, head_kwargs, load_model, load_tokenizer, parse_dtype, skeleton
+from .paths import factors_root
+from .sources import load_one, spec_path
 
 INDEX_FILE = "model.safetensors.index.json"
 CARD_FILE = "README.md"
@@ -72,14 +82,9 @@ class MergePlan:
 
 
 def plan_merge(model: str, adapter_dir: str, out: str | Path, *, dtype: str | None = None, force=False):
-    """Check that the adapter belongs to the base and map every target to its checkpoint tensor."""
-    from safetensors import safe_open
-
-    from .adapter import check_base, load_adapter
-    from .initialize import describe_base
-    from .models import parse_dtype, skeleton
-
-    adapter = load_adapter(adapter_dir)
+    """Check that the adapter (any single-adapter spec, sources.load_one) belongs to the base and map
+    every target to its checkpoint tensor."""
+    adapter = load_one(adapter_dir)
     base = describe_base(model)
     if base.resolved.gguf_file:
         raise BadInputError(
@@ -124,12 +129,9 @@ def plan_merge(model: str, adapter_dir: str, out: str | Path, *, dtype: str | No
 
 def merge_inputs(base_dir: Path, adapter_spec: str | Path) -> dict[str, Path]:
     """What a merge reads, which its --out may not overlap: the base, the adapter, the factor cache."""
-    from .pack import source_path
-    from .paths import factors_root
-
     return {
         "the base model's directory": base_dir,
-        "the adapter": source_path(adapter_spec),
+        "the adapter": spec_path(adapter_spec),
         "the factor cache": factors_root(),
     }
 
@@ -138,7 +140,7 @@ def _shards(directory: Path, spec: str) -> tuple[list[Path], Path | None]:
     index = directory / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = loads_json(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError) as error:
             raise BadInputError(f"{index}: unreadable shard index ({error})") from error
         names = sorted(set(weight_map.values()))
@@ -175,8 +177,6 @@ def run_merge(
     on_verify: Callable[[], None] | None = None,
 ) -> dict:
     """Write the merged model; with `verify`, compare its logits to base + adapter before publishing."""
-    from .adapter import adapter_factors
-
     started = time.perf_counter()
     factors = adapter_factors(plan.adapter)
     # Published only when complete, never after Ctrl-C; the temporary goes on any failure.
@@ -204,9 +204,6 @@ def run_merge(
 
 
 def _merge_shard(plan: MergePlan, factors: dict, src: Path, dst: Path, extra: dict) -> int:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     by_key = {key: module for module, key in plan.targets.items()}
     head_by_key = {key: name for name, key in plan.head.items() if key is not None}
     scaling = plan.adapter.config.scaling
@@ -237,10 +234,7 @@ def merged_weight(
     weight: torch.Tensor, parts: dict, R: torch.Tensor, scaling: float, *, transposed: bool = False
 ) -> torch.Tensor:
     """W + s * B R A in float32, cast back to W's dtype; `transposed` for GPT-2 Conv1D (stores W^T)."""
-    delta = scaling * (parts["B"].float() @ R.float() @ parts["A"].float())
-    work = weight.float()
-    work += delta.t() if transposed else delta
-    return work.to(weight.dtype)
+    return merge_delta(weight, parts["A"], parts["B"], R, scaling, transposed=transposed)
 
 
 def _added_head(plan: MergePlan) -> dict[str, torch.Tensor]:
@@ -255,7 +249,7 @@ def _write_index(plan: MergePlan, out_dir: Path, total_bytes: int) -> None:
         if added and len(plan.shards) > 1:  # pragma: no cover - several shards always have an index
             raise BadInputError("a sharded checkpoint without an index")
         return
-    index = json.loads(plan.index.read_text())
+    index = loads_json(plan.index.read_text())
     last = plan.shards[-1].name
     for name, key in plan.head.items():
         if key is None:
@@ -277,7 +271,7 @@ def _copy_model_files(src: Path, dst: Path) -> None:
 
 def _update_config(plan: MergePlan, config_path: Path) -> None:
     """Record a new dtype, and make a trained classifier loadable as one (class, labels)."""
-    config = json.loads(config_path.read_text())
+    config = loads_json(config_path.read_text())
     if plan.dtype is not None:
         name = str(plan.dtype).removeprefix("torch.")
         config["dtype"] = name
@@ -285,8 +279,6 @@ def _update_config(plan: MergePlan, config_path: Path) -> None:
             config["torch_dtype"] = name
     task, labels = plan.adapter.config.task, plan.adapter.config.labels
     if task in ("seq-cls", "regression"):
-        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
         cls_name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(config.get("model_type"))
         if cls_name:
             config["architectures"] = [cls_name]
@@ -303,15 +295,9 @@ def _update_config(plan: MergePlan, config_path: Path) -> None:
 
 def model_card(plan: MergePlan, verified: dict | None) -> str:
     cfg = plan.adapter.config
-    from .adapter import card_base_name
-
-    base, local = card_base_name(cfg.base)  # the hub id, else the directory's name: never a local path
+    base, _ = card_base_name(cfg.base)  # the hub id, else the directory's name: never a local path
     lines = [
-        "---",
-        f"base_model: {base}" + ("  # local model, not a hub id" if local else ""),
-        "tags: [loraxs, merged" + (", lora-sb" if cfg.method == "sb" else ", lora-xs") + "]",
-        "---",
-        "",
+        *card_front_matter(cfg.base, ("loraxs", "merged", method_of(cfg.method).card_tag)),
         f"# {base} with a merged LoRA-{cfg.method.upper()} adapter",
         "",
         f"- adapter: {plan.adapter.path} (rank {cfg.rank}, alpha {cfg.alpha:g}, "
@@ -342,9 +328,6 @@ def verify_tolerance(dtype: torch.dtype) -> float:
 
 def verify_merge(plan: MergePlan, merged_dir: Path) -> dict:
     """Load base + adapter and the merged model in float32; compare their outputs on sample inputs."""
-    from .adapter import apply_adapter
-    from .models import ResolvedModel, head_kwargs, load_model
-
     adapter = plan.adapter
     task = adapter.config.task
     kwargs = head_kwargs(task, adapter.config.labels) if task else {"head": "base"}
@@ -376,8 +359,6 @@ def verify_merge(plan: MergePlan, merged_dir: Path) -> dict:
 
 
 def _sample_inputs(plan: MergePlan) -> dict:
-    from .models import load_tokenizer
-
     try:
         tokenizer = load_tokenizer(plan.base.resolved)
         batch = tokenizer(

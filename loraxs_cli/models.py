@@ -8,18 +8,21 @@ a classifier and a bare encoder built on the same weights.
 from __future__ import annotations
 
 import fnmatch
-import json
+import importlib.util
 import os
 import pickle
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import BadInputError
+from .linear import is_conv1d, is_linear, weight_matrix, weight_shape  # noqa: F401 - re-exported: the layer primitives' home is linear.py
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 # What a model needs besides its weights; everything else in a hub repo is skipped.
@@ -223,8 +226,6 @@ def quiet_transformers() -> None:
 
 def require_gguf_package(resolved: ResolvedModel) -> None:
     """Fail with one line before transformers logs its own multi-line advice."""
-    import importlib.util
-
     if resolved.gguf_file and importlib.util.find_spec("gguf") is None:
         raise BadInputError(
             f"{resolved.spec}: reading a GGUF file needs the gguf package: pip install 'loraxs[gguf]'"
@@ -301,8 +302,6 @@ def load_model(
         load_kwargs["dtype"] = torch_dtype
     elif not resolved.gguf_file:
         load_kwargs["dtype"] = "auto"
-    from safetensors import SafetensorError
-
     try:
         model = classes[head].from_pretrained(str(resolved.path), **load_kwargs)
     except SafetensorError as error:  # a truncated or damaged weights file
@@ -347,24 +346,28 @@ def skeleton(config) -> nn.Module:
         ) from error
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block (no dropout), its training flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The module that target names are relative to (`model.base_model` for transformers models)."""
     return getattr(model, "base_model", model)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def linear_modules(model: nn.Module) -> dict[str, LinearInfo]:
     """Every nn.Linear or GPT-2 Conv1D of the backbone, by backbone-relative name, in model order."""
     found: dict[str, LinearInfo] = {}
     for name, module in backbone(model).named_modules():
-        if isinstance(module, nn.Linear):
-            found[name] = LinearInfo(name, module.out_features, module.in_features, False)
-        elif is_conv1d(module):
-            n_in, n_out = module.weight.shape
-            found[name] = LinearInfo(name, n_out, n_in, True)
+        if is_linear(module):
+            found[name] = LinearInfo(name, *weight_shape(module), is_conv1d(module))
     return found
 
 
@@ -419,20 +422,6 @@ def _kinds(modules: dict[str, LinearInfo]) -> str:
     for name in modules:
         kinds[re.sub(r"^.*?\.\d+\.", "", name)] = None
     return ", ".join(kinds) or "(none)"
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of a Linear or the transpose of a Conv1D's (in, out) weight (a view)."""
-    return module.weight.t() if is_conv1d(module) else module.weight
-
-
-def read_model_type(resolved: ResolvedModel) -> str:
-    if resolved.gguf_file:
-        return load_config(resolved).model_type
-    try:
-        return json.loads((resolved.path / "config.json").read_text())["model_type"]
-    except (OSError, ValueError, KeyError) as error:
-        raise BadInputError(f"{resolved.spec}: config.json has no readable model_type") from error
 
 
 def load_tokenizer(resolved: ResolvedModel):

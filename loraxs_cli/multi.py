@@ -25,7 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .adapter import adapter_factors
 from .errors import BadInputError, IncompatibleError
+from .linear import is_conv1d, is_linear, weight_shape
+from .models import backbone
 
 __all__ = [
     "AdapterRows",
@@ -46,10 +49,6 @@ class AdapterRows:
         self.index: Tensor | None = None  # (rows,) long on the model's device; None = base only
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 class MultiXSLinear(nn.Module):
     """A frozen Linear/Conv1D plus N stacked adapters on one factor set, chosen per row."""
 
@@ -57,11 +56,11 @@ class MultiXSLinear(nn.Module):
         self, base: nn.Module, A: Tensor, B: Tensor, R: Tensor, rows: AdapterRows, *, fused: bool = True
     ):
         super().__init__()
-        if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+        if not is_linear(base):
             raise BadInputError(f"cannot wrap a {type(base).__name__}: expected nn.Linear or GPT-2 Conv1D")
-        self.conv1d = _is_conv1d(base)
+        self.conv1d = is_conv1d(base)
         weight = base.weight
-        m, n = (weight.shape[1], weight.shape[0]) if self.conv1d else tuple(weight.shape)
+        m, n = weight_shape(base)
         r = A.shape[0]
         if tuple(A.shape) != (r, n) or tuple(B.shape) != (m, r) or R.dim() != 3 or R.shape[1:] != (r, r):
             raise IncompatibleError(
@@ -279,9 +278,6 @@ def load_multi(model: nn.Module, adapters: Sequence, names: Sequence[str], *, ca
 
     Adapters of lower rank are zero-padded to the largest; a module one adapter lacks gets R = 0.
     """
-    from .adapter import adapter_factors
-    from .models import backbone
-
     if not adapters:
         raise BadInputError("no adapters to load")
     require_one_factor_set(adapters, names)

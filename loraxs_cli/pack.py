@@ -6,8 +6,9 @@
         "__factors__/<hash>/<module>.<A|B|S>"   embedded factors, stored once per distinct set
         metadata "loraxs_pack": JSON index {format_version, adapters: {name: {config, sha256, factors}}}
 
-A member is named `PACK.safetensors::NAME` and is accepted wherever an adapter directory is
-(`load_adapter` reads it). Each member's sha256 (over its tensors' names, dtypes, shapes and bytes)
+A member is named `PACK.safetensors::NAME` (this module owns that address: `split_member`,
+`load_source`) and is accepted wherever an adapter directory is (sources.py, the command line's
+adapter specs). Each member's sha256 (over its tensors' names, dtypes, shapes and bytes)
 is checked when it is read, so a damaged pack is refused rather than half-used. Reading a member
 touches only its own tensors (safetensors reads lazily).
 
@@ -18,29 +19,30 @@ index with `../x` or `/etc/x` is refused before anything is written) and when un
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from .adapter import (
+    Adapter,
+    AdapterConfig,
+    flat_factors,
+    group_factors,
+    load_adapter,
+    save_adapter,
+    tensors_sha256,
+)
 from .errors import BadInputError, UsageError
-from .fsutil import atomic_path, check_output, require_regular_file, safe_name
+from .fsutil import atomic_path, check_output, loads_json, require_regular_file, safe_name
 
 MEMBER_SEPARATOR = "::"
 INDEX_KEY = "loraxs_pack"
 FACTORS_PREFIX = "__factors__/"
 PACK_VERSION = 1
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        value = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
 
 
 def valid_member_name(name: object) -> bool:
@@ -79,9 +81,18 @@ def split_member(spec: str | Path) -> tuple[str, str] | None:
     return pack, name
 
 
-def read_index(path: str | Path) -> dict:
-    from safetensors import SafetensorError, safe_open
+def member_spec(pack: str | Path, name: str) -> str:
+    """The address `PACK::NAME` of one member."""
+    return f"{pack}{MEMBER_SEPARATOR}{name}"
 
+
+def load_source(spec: str | Path) -> Adapter:
+    """One adapter: a pack member `PACK::NAME`, else an adapter directory."""
+    member = split_member(spec)
+    return load_member(*member) if member is not None else load_adapter(spec)
+
+
+def read_index(path: str | Path) -> dict:
     require_regular_file(path, "adapter pack")
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -91,7 +102,7 @@ def read_index(path: str | Path) -> dict:
     if INDEX_KEY not in metadata:
         raise BadInputError(f"{path}: not a loraxs adapter pack (no index); make one with `loraxs pack`")
     try:
-        index = json.loads(metadata[INDEX_KEY])
+        index = loads_json(metadata[INDEX_KEY])
     except ValueError as error:
         raise BadInputError(f"{path}: damaged pack index ({error})") from error
     version = index.get("format_version") if isinstance(index, dict) else None
@@ -134,30 +145,26 @@ def pack_names(path: str | Path) -> list[str]:
     return list(read_index(path)["adapters"])
 
 
-def pack_adapters(named: Sequence[tuple[str, str]], out: str | Path, *, overwrite: bool = False) -> dict:
+def pack_adapters(named: Sequence[tuple[str, str]], out: str | Path, *, force: bool = False) -> dict:
     """Write the adapters (name, directory or pack member) into one pack file, atomically."""
-    from safetensors.torch import save_file
-
-    from .adapter import load_adapter
-
     if not named:
         raise UsageError("no adapters to pack")
     for name, _ in named:
         check_name(name)
     sources = {f"the adapter {name!r}": source_path(source) for name, source in named}
-    out = check_output(out, sources, force=overwrite)
+    out = check_output(out, sources, force=force)
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for name, source in named:
         check_name(name)
         if name in entries:
             raise UsageError(f"two adapters are named {name!r}: name them apart with NAME=DIR")
-        adapter = load_adapter(source)
+        adapter = load_source(source)
         own = {f"{m}.R": adapter.R[m].float().contiguous() for m in adapter.config.modules}
         own.update({f"head.{k}": v.contiguous() for k, v in adapter.head.items()})
         factors_key = _add_factors(tensors, adapter.factors)
         tensors.update({f"{name}/{k}": v for k, v in own.items()})
-        config = json.loads(adapter.config.to_json())
+        config = loads_json(adapter.config.to_json())
         entries[name] = {"config": config, "sha256": tensors_sha256(own), "factors": factors_key}
     index = {"format_version": PACK_VERSION, "adapters": entries}
     metadata = {"format": "loraxs-pack", INDEX_KEY: json.dumps(index, separators=(",", ":"))}
@@ -170,21 +177,19 @@ def _add_factors(tensors: dict, factors: dict | None) -> str | None:
     """Embedded factors go in once per distinct set; return their key."""
     if factors is None:
         return None
-    flat = {f"{m}.{k}": v.float().contiguous() for m, parts in factors.items() for k, v in parts.items()}
+    flat = flat_factors(factors)
     key = tensors_sha256(flat)[:16]
     tensors.update({f"{FACTORS_PREFIX}{key}/{k}": v for k, v in flat.items()})
     return key
 
 
-def load_member(pack: str | Path, name: str):
+def load_member(pack: str | Path, name: str) -> Adapter:
     """One adapter of a pack as an Adapter (path `PACK::NAME`), its sha256 verified."""
     return load_members(pack, [name])[0]
 
 
-def load_members(pack: str | Path, names: Sequence[str]) -> list:
+def load_members(pack: str | Path, names: Sequence[str]) -> list[Adapter]:
     """Several members, opening the pack once (thousands of adapters load in seconds)."""
-    from safetensors import SafetensorError, safe_open
-
     pack = Path(pack)
     if not pack.exists():
         raise BadInputError(f"{pack}: no such adapter pack")
@@ -201,10 +206,8 @@ def load_members(pack: str | Path, names: Sequence[str]) -> list:
         raise BadInputError(f"{pack}: damaged pack ({error})".splitlines()[0]) from error
 
 
-def _read_member(handle, pack: Path, name: str, entry: dict, factor_sets: dict):
-    from .adapter import Adapter, AdapterConfig, _group_factors
-
-    source = f"{pack}{MEMBER_SEPARATOR}{name}"
+def _read_member(handle, pack: Path, name: str, entry: dict, factor_sets: dict) -> Adapter:
+    source = member_spec(pack, name)
     config = AdapterConfig.from_dict(entry["config"], source)
     keys = [f"{m}.R" for m in config.modules] + [f"head.{h}" for h in config.head]
     own = {k: handle.get_tensor(f"{name}/{k}") for k in keys}
@@ -221,27 +224,25 @@ def _read_member(handle, pack: Path, name: str, entry: dict, factor_sets: dict):
             flat = {k[len(prefix) :]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}  # noqa: SIM118
             if tensors_sha256(flat)[: len(key)] != key:  # the key is the sha256 of the factors
                 raise BadInputError(f"{source}: sha256 mismatch of its factors, the pack is damaged")
-            factor_sets[key] = _group_factors(flat)
+            factor_sets[key] = group_factors(flat)
         factors = factor_sets[key]
     R = {m: own[f"{m}.R"].float() for m in config.modules}
     head = {k[len("head.") :]: v for k, v in own.items() if k.startswith("head.")}
     return Adapter(Path(source), config, R, head, factors)
 
 
-def unpack(pack: str | Path, out_dir: str | Path, names: Sequence[str] = (), *, overwrite: bool = False):
+def unpack(pack: str | Path, out_dir: str | Path, names: Sequence[str] = (), *, force: bool = False):
     """Write members (all by default) back as adapter directories OUT_DIR/NAME.
 
     Every target is checked before the first is written: a plain name (the index is validated when
-    read), not the pack itself nor around it, and not existing without `overwrite`."""
-    from .adapter import save_adapter
-
+    read), not the pack itself nor around it, and not existing without `force`."""
     available = pack_names(pack)
     wanted = list(names) or available
     unknown = [n for n in wanted if n not in available]
     if unknown:
         raise BadInputError(f"{pack}: no adapter named {unknown[0]!r} in this pack")
     out_dir = Path(out_dir).expanduser()
-    targets = [check_output(out_dir / name, {"the pack": pack}, force=overwrite) for name in wanted]
+    targets = [check_output(out_dir / name, {"the pack": pack}, force=force) for name in wanted]
     written = []
     for adapter, target in zip(load_members(pack, wanted), targets, strict=True):
         save_adapter(target, adapter.config, adapter.R, head=adapter.head, factors=adapter.factors)

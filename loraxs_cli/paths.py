@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import uuid
 from pathlib import Path
 
 
@@ -28,9 +30,6 @@ def temp_sibling(path: str | Path, kind: str = "tmp") -> Path:
     The name is cut to fit the 255-byte limit of one file name, the cut part replaced by a hash of
     the whole name, so an output name the user gave near the limit still gets its temporary twin.
     """
-    import hashlib
-    import uuid
-
     target = Path(path)
     name = target.name
     suffix = (

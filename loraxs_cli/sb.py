@@ -27,13 +27,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import BadInputError, DivergedError
 from .factors import SVDSettings, truncated_svd
+from .method_defaults import SB_DEFAULTS
 from .models import is_conv1d, weight_matrix
 
-# eta of the approximated step. Measured on SmolLM2-135M (BBC text, rank 16, 32 samples): held-out loss
-# before any training 3.76 for the base, 3.66 at 1e-4, 3.62 at 3e-4, 4.41 at 1e-3 (the step overshoots).
-DEFAULT_ETA = 3e-4
-DEFAULT_EPS = 1e-8  # AdamW's default eps
+# eta of the approximated step and AdamW's eps: the defaults live in method_defaults.SB_DEFAULTS.
+DEFAULT_ETA = SB_DEFAULTS.eta
+DEFAULT_EPS = SB_DEFAULTS.eps
 
 
 STEPS = ("adam", "sign")
@@ -46,8 +47,6 @@ def parse_accum_dtype(name: str) -> str:
     """'float32' | 'fp32' | 'bfloat16' | 'bf16' -> the canonical name recorded in the recipe."""
     canonical = _ACCUM_ALIASES.get(name.lower(), name.lower())
     if canonical not in ACCUM_DTYPES:
-        from .errors import BadInputError
-
         raise BadInputError(f"unknown --sb-accum-dtype {name!r}: use float32 or bfloat16")
     return canonical
 
@@ -59,17 +58,15 @@ class SBSettings:
     eta: float = DEFAULT_ETA
     eps: float = DEFAULT_EPS
     weight_decay: float = 0.0
-    step: str = "adam"  # adam: -eta G / (|G| + eps); sign: -eta sign(G), the official code's
+    step: str = SB_DEFAULTS.step  # adam: -eta G / (|G| + eps); sign: -eta sign(G), the official code's
 
     def __post_init__(self):
         if self.step not in STEPS:
-            from .errors import BadInputError
-
             raise BadInputError(f"unknown --sb-step {self.step!r}: use {' or '.join(STEPS)}")
 
     def as_dict(self) -> dict:
         # The step is recorded only when it is not the default, so existing cache entries stay valid.
-        extra = {} if self.step == "adam" else {"step": self.step}
+        extra = {} if self.step == SB_DEFAULTS.step else {"step": self.step}
         return {"eta": self.eta, "eps": self.eps, "weight_decay": self.weight_decay, **extra}
 
 
@@ -118,8 +115,6 @@ def average_gradients(
     `accum_dtype` is the dtype of the running sums (bfloat16: the official code's, on a bf16 model).
     """
     if mode not in GRAD_MODES:
-        from .errors import BadInputError
-
         raise BadInputError(f"unknown --sb-grad-mode {mode!r}: use {' or '.join(GRAD_MODES)}")
     modules = dict(backbone.named_modules())
     shapes = {n: tuple(weight_matrix(modules[n]).shape) for n in names}
@@ -177,8 +172,6 @@ def _group_gradients(model, modules, group, batches, all_reduce, on_batch, group
         for batch in batches():
             loss = model(**batch).loss
             if not torch.isfinite(loss):
-                from .errors import DivergedError
-
                 raise DivergedError("LoRA-SB init: the loss on the sample is not finite; check the data")
             loss.backward()
             count += 1
@@ -197,8 +190,6 @@ def _group_gradients(model, modules, group, batches, all_reduce, on_batch, group
         all_reduce(count_tensor)
         count = count_tensor.cpu()
     if count == 0:
-        from .errors import BadInputError
-
         raise BadInputError("LoRA-SB init: the gradient sample is empty")
     out = {}
     for name in group:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -101,6 +102,24 @@ def test_r_only_by_default(trained, tmp_path):
     payload = 14 * RANK * RANK * 4
     assert payload < (out / WEIGHTS_FILE).stat().st_size < payload + 4096
     assert load_adapter(out).factors is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_every_file_of_an_adapter_gets_the_umask_mode(trained, tmp_path, umask):
+    """safetensors creates its files 0600 whatever the umask; an adapter directory's files (weights,
+    factors, config, card) all get 0666 & ~umask, the directory 0777 & ~umask, and a replaced one too."""
+    plan, entry, R, head = trained
+    previous = os.umask(umask)
+    try:
+        out = save(plan, entry, R, tmp_path / "adapter", head=head, embed=True)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+        assert set(modes) == {CONFIG_FILE, WEIGHTS_FILE, EMBEDDED_FACTORS_FILE, "README.md"}
+        assert modes == dict.fromkeys(modes, 0o666 & ~umask), {k: oct(v) for k, v in modes.items()}
+        assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+        save(plan, entry, R, out)  # replaced in place (force is the default)
+        assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}
+    finally:
+        os.umask(previous)
 
 
 def test_embedded_factors_make_the_adapter_self_contained(trained, tmp_path):

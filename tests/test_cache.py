@@ -16,12 +16,12 @@ from filelock import FileLock, Timeout
 from typer.testing import CliRunner
 
 from loraxs_cli import factors as factors_module
-from loraxs_cli import initialize
 from loraxs_cli.cache import FACTORS_FILE, FactorCache
 from loraxs_cli.cli.app import app
 from loraxs_cli.errors import BadInputError
 from loraxs_cli.factors import SVDSettings
 from loraxs_cli.initialize import FactorRequest, ensure_factors, plan_factors
+from loraxs_cli.methods import xs as xs_method
 
 runner = CliRunner()
 
@@ -59,7 +59,7 @@ def test_second_identical_init_is_a_hit_without_svd_or_weight_loading(tiny_llama
     def no_loading(*args, **kwargs):
         raise AssertionError("a cache hit must not load the model")
 
-    monkeypatch.setattr(initialize, "load_model", no_loading)
+    monkeypatch.setattr(xs_method, "load_model", no_loading)  # where LoRA-XS's compute loads the base
     second = init_cli(str(tiny_llama_dir), "-r", "4")
     assert second.exit_code == 0, second.stderr
     again = json.loads(second.stdout)
@@ -128,15 +128,12 @@ def test_write_is_atomic_and_under_the_lock(tiny_llama_dir, loraxs_home):
     def broken_save(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    import safetensors.torch
+    import loraxs_cli.cache as cache_module
 
-    real_save = safetensors.torch.save_file
-    safetensors.torch.save_file = broken_save
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the cache writes with safetensors' save_file
+        patch.setattr(cache_module, "save_file", broken_save)
         with pytest.raises(BadInputError, match=r"cannot write to the factor cache.*No space left"):
             ensure_factors(plan)
-    finally:
-        safetensors.torch.save_file = real_save
     assert list(FactorCache().entries()) == []
     assert [p.name for p in base_dir.iterdir()] == []
 

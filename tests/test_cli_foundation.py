@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from loraxs_cli import __version__
 from loraxs_cli.cache import FactorCache
 from loraxs_cli.cli.app import app
-from models_for_tests import smollm2_gguf
+from models_for_tests import tiny_llama_gguf
 
 runner = CliRunner()
 HEAVY = ("torch", "transformers", "safetensors", "sklearn", "huggingface_hub")
@@ -243,7 +243,8 @@ def test_unwritable_cache_directory_not_a_directory(tiny_llama_dir, tmp_path, mo
 
 def test_gguf_without_the_gguf_package(tmp_path):
     """The gguf package hidden from a real process (find_spec answers None, import fails)."""
-    run = run_cli("init", str(smollm2_gguf()), "-r", "4", pre="import sys; sys.modules['gguf'] = None")
+    gguf = tiny_llama_gguf(tmp_path / "tiny.gguf")
+    run = run_cli("init", str(gguf), "-r", "4", pre="import sys; sys.modules['gguf'] = None")
     assert_one_line_error(run, 3, "needs the gguf package", "pip install 'loraxs[gguf]'")
 
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from loraxs_cli.cache import FactorCache
 from loraxs_cli.cli.app import app
 from loraxs_cli.pack import pack_names
-from models_for_tests import make_adapter, smollm2_gguf
+from models_for_tests import make_adapter, smollm2_gguf, tiny_llama_gguf
 
 runner = CliRunner()
 
@@ -62,6 +62,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         (["generate", "m", "-p", "p", "--dtype", "fp8"], ["'fp8' is not one of 'auto', 'fp32'"]),
         (["convert", "a", "-o", "o", "--from", "lora"], ["'lora' is not one of 'peft-lora', 'official'"]),
         (["inspect", "gpt3-175b", "--dtype", "fp4"], ["'fp4' is not one of 'fp16', 'bf16', 'fp32', 'int8'"]),
+        (
+            ["train", "m", "-d", "d", "-o", "o", "--chat-loss", "first"],
+            ["'first' is not one of 'all', 'last'"],
+        ),
+        (["train", "m", "-d", "d", "-o", "o", "--sb-step", "sgd"], ["'sgd' is not one of 'adam', 'sign'"]),
+        (["init", "m", "-r", "1", "--sb-grad-mode", "x"], ["'x' is not one of 'eval', 'train'"]),
+        (["init", "m", "-r", "1", "--sb-accum-dtype", "fp8"], ["'fp8' is not one of 'float32', 'bfloat16'"]),
+        (["convert", "a", "-o", "o", "--method", "vera"], ["'vera' is not one of 'auto', 'xs', 'sb'"]),
     ],
     ids=[
         "unknown-option",
@@ -75,6 +83,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         "dtype",
         "from",
         "storage-dtype",
+        "chat-loss",
+        "sb-step",
+        "sb-grad-mode",
+        "sb-accum-dtype",
+        "official-method",
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(args, fragments):
@@ -105,6 +118,84 @@ def test_choice_options_show_their_values_in_help():
         assert result.exit_code == 0
         for text in shown:
             assert text in result.stdout, (command, text)
+
+
+def test_every_choice_option_is_a_real_choice():
+    """No option of any command takes free text where it only accepts a few values."""
+    import click
+    import typer.main
+
+    free = {"--targets", "--data", "--eval-data", "--out", "--metric", "--max-grad-memory", "--device",
+            "--revision", "--answer-regex", "--prompts", "--adapter", "--adapters", "--name", "--config",
+            "--model", "--lr"}  # fmt: skip
+    group = typer.main.get_command(app)
+    commands = [(n, c) for n, c in group.commands.items() if not isinstance(c, click.Group)]
+    commands += [(f"cache {n}", c) for n, c in group.commands["cache"].commands.items()]
+    for name, command in commands:
+        for param in command.params:
+            flag = next((o for o in param.opts if o.startswith("--")), None)
+            if isinstance(param, click.Option) and param.type == click.STRING and flag not in free:
+                raise AssertionError(f"loraxs {name} {flag} is free text")
+
+
+def test_output_options_work_before_and_after_the_command(tiny_llama_dir):
+    args = ["init", tiny_llama_dir, "-r", "1", "-t", "q_proj", "--dry-run"]
+    before, after = invoke("--json", *args), invoke(*args, "--json")
+    assert before.exit_code == after.exit_code == 0, (before.stderr, after.stderr)
+    assert json.loads(before.stdout) == json.loads(after.stdout)
+    for verbose in (invoke("-v", *args), invoke(*args, "-v"), invoke(*args, "--verbose")):
+        assert verbose.exit_code == 0 and "resolving" in verbose.stderr, verbose.stderr
+    assert "resolving" not in invoke(*args).stderr
+    computed = ["init", tiny_llama_dir, "-r", "1", "-t", "q_proj"]
+    for quiet in (
+        invoke("-q", *computed, "--force"),
+        invoke(*computed, "-q", "--force"),
+        invoke(*computed, "-v", "-q"),
+    ):
+        assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr  # -q wins over -v
+        assert "factor pairs at rank 1" in quiet.stdout
+    assert "cache miss" in invoke(*computed, "--force").stderr  # without -q the progress note shows
+
+
+def test_the_same_device_check_in_every_command(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}] * 4)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"adapter": None, "prompt": "a"}])
+    commands = {
+        "init": ["init", tiny_llama_dir, "-r", "1"],
+        "eval": ["eval", tiny_llama_dir, "-d", data],
+        "generate": ["generate", tiny_llama_dir, "-p", prompts],
+        "train": ["train", tiny_llama_dir, "-d", data, "-o", tmp_path / "run", "--max-steps", "1"],
+        "train --dry-run": ["train", tiny_llama_dir, "-d", data, "-o", tmp_path / "run", "--dry-run"],
+    }
+    for device, fragment in [("gpu", "is not a device"), ("cuda:99", "CUDA device(s) available here"),
+                             ("xla", "loraxs runs on cpu, cuda, mps")]:  # fmt: skip
+        lines = {
+            name: one_line(invoke(*args, "--device", device), 3, fragment) for name, args in commands.items()
+        }
+        assert len(set(lines.values())) == 1, lines
+    assert not (tmp_path / "run").exists()
+    # merge runs where its shards are (no --device): a usage error like any unknown option
+    one_line(
+        invoke("merge", tiny_llama_dir, "-a", "x", "-o", tmp_path / "m", "--device", "gpu"), 2, "--device"
+    )
+
+
+def test_train_help_shows_its_options_in_panels():
+    import typer.main
+
+    from loraxs_cli.cli.train_cmd import TrainCommand
+
+    command = typer.main.get_command(app).commands["train"]
+    grouped = {name for names in TrainCommand.panels.values() for name in names}
+    assert {p.name for p in command.params if isinstance(p, typer.core.TyperOption)} <= grouped
+    shown = invoke("train", "--help", env={"COLUMNS": "200"}).stdout
+    for title in TrainCommand.panels:
+        assert f"╭─ {title} " in shown, title
+    assert (
+        shown.index("╭─ Optimisation ")
+        < shown.index("--weight-decay")
+        < shown.index("╭─ Schedule and cadence ")
+    )
 
 
 def test_a_choice_from_a_config_file_is_checked_too(tmp_path):
@@ -289,10 +380,10 @@ def test_eval_table_keeps_the_part_of_adapter_paths_that_differs(tiny_llama_dir,
 # ----------------------------------------------------------------------------- GGUF
 
 
-@pytest.mark.real
-@pytest.mark.slow
 def test_gguf_progress_bar_stays_off_stderr_with_json(tmp_path):
-    """transformers' own GGUF dequantization bar (a bare tqdm) must not reach a --json run's stderr."""
+    """transformers' own GGUF dequantization bar (a bare tqdm) must not reach a --json run's stderr.
+    A process: the program's startup switches the bars off. A tiny GGUF shows the same bar."""
+    gguf_file = tiny_llama_gguf(tmp_path / "tiny.gguf")
     env = {**os.environ, "LORAXS_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     for variable in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):  # as a user's shell has them
         env.pop(variable, None)
@@ -303,7 +394,7 @@ def test_gguf_progress_bar_stays_off_stderr_with_json(tmp_path):
             "loraxs_cli",
             "--json",
             "init",
-            str(smollm2_gguf()),
+            str(gguf_file),
             "-r",
             "1",
             "-t",
@@ -336,10 +427,10 @@ def test_library_progress_is_switched_off_with_json_quiet_or_no_terminal(monkeyp
         assert (os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1") is quiet
 
 
-@pytest.mark.real
 def test_merge_on_a_gguf_base_gives_advice_that_works(tiny_llama_dir, tmp_path):
     adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
-    result = invoke("merge", smollm2_gguf(), "--adapter", adapter, "--out", tmp_path / "merged")
+    gguf = tiny_llama_gguf(tmp_path / "tiny.gguf")
+    result = invoke("merge", gguf, "--adapter", adapter, "--out", tmp_path / "merged")
     stderr = one_line(result, 3, "needs a safetensors base", "from_config", "load_state_dict", "README")
     assert "save_pretrained() first" not in stderr
 

@@ -63,6 +63,12 @@ def _complete(words: str, shell: str = "bash", env: dict | None = None) -> subpr
         ("loraxs train m --schedule ", ["linear", "cosine", "constant"]),
         ("loraxs convert a --to ", ["peft-lora"]),
         ("loraxs convert a --from ", ["peft-lora", "official"]),
+        ("loraxs convert a --method ", ["auto", "xs", "sb"]),
+        ("loraxs train m --chat-loss ", ["all", "last"]),
+        ("loraxs train m --sb-step ", ["adam", "sign"]),
+        ("loraxs init m --sb-accum-dtype ", ["float32", "bfloat16"]),
+        ("loraxs eval m --device c", ["cpu", "cuda", "cuda:0", "cuda:1"]),
+        ("loraxs generate m --device cuda:9 --dtype f", ["fp32", "fp16"]),  # a --device is not checked here
         ("loraxs inspect rob", ["roberta-large", "roberta-base"]),
         (
             "loraxs inspect ",

@@ -171,9 +171,8 @@ def test_sweep_script_runs_every_phase_in_quick_mode(tiny_bert_dir, tiny_llama_d
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     phases = {(r["setting"]["task"], r["setting"]["phase"]) for r in rows}
-    assert phases == {(t, p) for t in ("binary", "word") for p in ("grid", "refine", "auto")} | {
-        ("word", "base")
-    }
+    expected = {(t, p) for t in ("binary", "word") for p in ("grid", "refine", "auto")}
+    assert phases == expected | {("word", "base"), ("binary", "check")}
     assert all("metric" in r for r in rows), [r.get("error") for r in rows]
     auto = [r for r in rows if r["setting"]["phase"] == "auto"]
     assert all(r["lr_find"]["lr"] > 0 and len(r["lr_find"]["lrs"]) >= 12 for r in auto)

@@ -16,6 +16,7 @@ from loraxs_cli.adapter import load_adapter, save_adapter
 from loraxs_cli.cli.app import app
 from loraxs_cli.errors import BadInputError
 from loraxs_cli.pack import load_member, pack_adapters, pack_names
+from loraxs_cli.sources import load_one
 from models_for_tests import make_adapter
 
 runner = CliRunner()
@@ -48,7 +49,7 @@ def test_pack_round_trip_and_members_as_adapters(tiny_llama_dir, tiny_bert_dir, 
     assert json.loads(result.stdout)["adapters"] == 3
     assert pack_names(pack) == ["plain", "embedded", "classifier"]
     for name, directory in dirs.items():
-        member = load_adapter(f"{pack}::{name}")  # accepted wherever a directory is
+        member = load_one(f"{pack}::{name}")  # accepted wherever a directory is
         same_adapter(member, load_adapter(directory))
         assert str(member.path) == f"{pack}::{name}"
     listed = invoke("unpack", pack, "--out", tmp_path / "x", "--list", "--json")

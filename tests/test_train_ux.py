@@ -56,7 +56,7 @@ def cls_data(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_decoder_dir(tmp_path_factory, minilm_path) -> Path:
+def tiny_bert_decoder_dir(tmp_path_factory) -> Path:
     """A tiny BERT whose config declares a decoder (is_decoder): a causal LM transformers supports."""
     import torch
     from transformers import BertConfig, BertLMHeadModel
@@ -67,7 +67,7 @@ def tiny_bert_decoder_dir(tmp_path_factory, minilm_path) -> Path:
     config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         max_position_embeddings=256, is_decoder=True)  # fmt: skip
     return save_tiny(
-        BertLMHeadModel(config), tmp_path_factory.mktemp("bert-decoder"), tokenizer_from=minilm_path
+        BertLMHeadModel(config), tmp_path_factory.mktemp("bert-decoder"), tokenizer_from="wordpiece"
     )
 
 
@@ -344,7 +344,7 @@ def test_config_names_of_other_tools_get_a_hint(tiny_llama_dir, lm_data, tmp_pat
 def test_best_on_tied_metric_prefers_lower_loss_then_later_step(
     tiny_bert_dir, cls_data, tmp_path, monkeypatch, losses, best_step
 ):
-    import loraxs_cli.train as train_module
+    import loraxs_cli.train.recipe as train_module  # the module that calls evaluate_examples
 
     scripted = iter(losses)
 

@@ -22,7 +22,8 @@ from . import (
     pack_cmd,
     train_cmd,
 )
-from .output import Output, print_error, quiet_library_progress, reserve_standard_streams, usage_line
+from .options import JsonOption, QuietOption, VerboseOption
+from .output import get_output, print_error, quiet_library_progress, reserve_standard_streams, usage_line
 
 
 class LoraxsGroup(TyperGroup):
@@ -80,22 +81,21 @@ def root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More detail on stderr."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the result."),
-    json_mode: bool = typer.Option(
-        False, "--json", help="Print one JSON document on stdout; logs and progress go to stderr."
-    ),
+    verbose: VerboseOption = 0,
+    quiet: QuietOption = False,
+    json_flag: JsonOption = False,
 ) -> None:
     """Global options. Exit codes: 0 ok, 2 usage, 3 bad input, 4 incompatible, 5 diverged, 130 interrupted.
 
     Set LORAXS_DEBUG=1 for tracebacks, LORAXS_HOME for the factor cache (default ~/.cache/loraxs).
+    -q, -v and --json may also follow the command.
     """
-    ctx.obj = Output(verbosity=-1 if quiet else verbose, json_mode=json_mode)
+    get_output(ctx)  # the invocation's Output; the options' callbacks have set it
 
 
 app.command("init")(init_cmd.init)
 app.command("inspect")(inspect_cmd.inspect)
-app.command("train")(train_cmd.train)
+app.command("train", cls=train_cmd.TrainCommand)(train_cmd.train)
 app.command("eval")(eval_cmd.evaluate)
 app.command("merge")(merge_cmd.merge)
 app.command("convert")(convert_cmd.convert)

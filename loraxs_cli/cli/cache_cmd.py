@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import typer
+from rich.text import Text
 
+from .options import JsonOption, QuietOption, VerboseOption
 from .output import get_output, handle_errors, styled
-from .render import bytes_human, fits_whole
+from .render import bytes_human, fits_whole, table
 
 app = typer.Typer(help="List, remove and verify cached factor sets.", no_args_is_help=True)
 
@@ -65,9 +67,11 @@ def _method(row: dict) -> str:
     method = str(row["method"])
     if svd.get("backend") not in (None, "torch"):
         method += f" ({svd['backend']} SVD)"
-    if row["sb"]:
-        sb = row["sb"]
-        method += f" ({sb['samples']} samples of {sb['data_sha256'][:8]}, eta {sb['eta']})"
+    from ..methods import method_of
+
+    recorded = method_of(row["method"], {"sb": row["sb"]}).describe(row["sb"])  # the method's recipe fields
+    if recorded:
+        method += f" ({recorded})"
     return method
 
 
@@ -81,55 +85,51 @@ def _targets(row: dict) -> str:
 @handle_errors
 def ls(
     ctx: typer.Context,
-    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
     """List cached factor sets: id, base, method, rank, dtype, targets, size, last use."""
-    out = get_output(ctx, json_flag)
+    out = get_output(ctx)
     from ..cache import FactorCache
 
     cache = FactorCache()
     rows = [_describe(e) for e in cache.entries()]
     doc = {"root": str(cache.root), "entries": rows, "bytes": sum(r["bytes"] for r in rows)}
 
-    def render() -> None:
-        from rich.table import Table
+    out.result(
+        doc,
+        lambda doc: _entries_view(doc, fits=lambda view: fits_whole(out.out, view, [r["id"] for r in rows])),
+    )
 
-        table = Table(title=f"factor cache {cache.root}", title_justify="left")
-        table.add_column("id", no_wrap=True)  # whole, on one line: it is what `cache rm` takes
-        table.add_column("base", overflow="fold")
-        table.add_column("method", overflow="fold")
-        table.add_column("r_max", justify="right")
-        table.add_column("dtype")
-        table.add_column("targets", overflow="fold")
-        table.add_column("size", justify="right")
-        table.add_column("last used")
+
+def _entries_view(doc: dict, fits) -> list:
+    """The entries as a table, or (too narrow for whole ids) one block per entry, the id on a line of
+    its own: the id is what `cache rm` takes, by copy and paste."""
+    rows, root = doc["entries"], doc["root"]
+    if not rows:
+        return [f"factor cache {root}: no entries"]
+    columns = [("id", {"no_wrap": True}), ("base", {"justify": "left", "overflow": "fold"}),
+               ("method", {"justify": "left", "overflow": "fold"}),
+               "r_max", ("dtype", {"justify": "left"}), ("targets", {"justify": "left", "overflow": "fold"}),
+               "size", ("last used", {"justify": "left"})]  # fmt: skip
+    cells = [
+        (r["id"], str(r["base"]), _method(r), str(r["r_max"]), str(r["dtype"]), _targets(r),
+         bytes_human(r["bytes"]), r["last_used"])
+        for r in rows
+    ]  # fmt: skip
+    listed = table(f"factor cache {root}", columns, cells, title_justify="left")
+    if fits(listed):
+        view: list = [listed]
+    else:
+        view = [f"factor cache {root}"]
         for r in rows:
-            table.add_row(
-                r["id"],
-                str(r["base"]),
-                _method(r),
-                str(r["r_max"]),
-                str(r["dtype"]),
-                _targets(r),
-                bytes_human(r["bytes"]),
-                r["last_used"],
+            view.append(r["id"])
+            view.append(
+                f"  base {r['base']}; {_method(r)}; r_max {r['r_max']}; {r['dtype']}; "
+                f"targets {_targets(r)}; {bytes_human(r['bytes'])}; last used {r['last_used']}"
             )
-        if not rows:
-            out.out.print(f"factor cache {cache.root}: no entries")
-            return
-        if fits_whole(out.out, table, [r["id"] for r in rows]):
-            out.out.print(table)
-        else:  # too narrow for whole ids in a table: one block per entry, the id on a line of its own
-            out.out.print(f"factor cache {cache.root}")
-            for r in rows:
-                out.out.print(r["id"])
-                out.out.print(
-                    f"  base {r['base']}; {_method(r)}; r_max {r['r_max']}; {r['dtype']}; "
-                    f"targets {_targets(r)}; {bytes_human(r['bytes'])}; last used {r['last_used']}"
-                )
-        out.out.print(f"{len(rows)} entries, {bytes_human(doc['bytes'])}")
-
-    out.result(doc, render)
+    return [*view, f"{len(rows)} entries, {bytes_human(doc['bytes'])}"]
 
 
 @app.command("rm")
@@ -143,12 +143,14 @@ def rm(
         autocompletion=_complete_entries,
     ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
     """Remove cached factor sets (adapters trained on them need `init` again, or embedded factors).
 
     Answering no to the question removes nothing and exits 0."""
-    out = get_output(ctx, json_flag)
+    out = get_output(ctx)
     from ..cache import FactorCache
     from ..errors import BadInputError
 
@@ -180,20 +182,20 @@ def rm(
     for entry in chosen:
         freed += entry.size_bytes()
         cache.remove(entry)
-    out.result(
-        {"removed": [e.id for e in chosen], "bytes": freed},
-        lambda: out.out.print(f"removed {len(chosen)} entries, {bytes_human(freed)} freed"),
-    )
+    doc = {"removed": [e.id for e in chosen], "bytes": freed}
+    out.result(doc, f"removed {len(chosen)} entries, {bytes_human(freed)} freed")
 
 
 @app.command("verify")
 @handle_errors
 def verify(
     ctx: typer.Context,
-    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
     """Re-hash every entry; exits 3 when one is damaged."""
-    out = get_output(ctx, json_flag)
+    out = get_output(ctx)
     from ..cache import FactorCache
     from ..errors import EXIT_BAD_INPUT
 
@@ -202,12 +204,18 @@ def verify(
     stale = cache.clean_stale_temps()
     damaged = [r for r in results if r["problem"]]
 
-    def render() -> None:
-        for r in results:
-            state = styled("[red]DAMAGED[/] {}", r["problem"]) if r["problem"] else styled("[green]ok[/]")
-            out.out.print(f"{r['id']}: ", state, sep="")
-        out.out.print(f"{len(results)} entries checked, {len(damaged)} damaged")
-
-    out.result({"entries": results, "damaged": len(damaged), "stale_temps_removed": stale}, render)
+    doc = {"entries": results, "damaged": len(damaged), "stale_temps_removed": stale}
+    out.result(doc, _verify_view)
     if damaged:
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _verify_view(doc: dict) -> list:
+    lines = [
+        Text.assemble(
+            f"{r['id']}: ",
+            styled("[red]DAMAGED[/] {}", r["problem"]) if r["problem"] else styled("[green]ok[/]"),
+        )
+        for r in doc["entries"]
+    ]
+    return [*lines, f"{len(doc['entries'])} entries checked, {doc['damaged']} damaged"]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 import typer
 
-from .options import AT_LEAST_ONE, FromOption, ToOption
+from .options import (
+    AT_LEAST_ONE,
+    ForceReplaceOption,
+    FromOption,
+    JsonOption,
+    OfficialMethodOption,
+    QuietOption,
+    ToOption,
+    VerboseOption,
+)
 from .output import Output, get_output, handle_errors, styled
-from .render import bytes_human
-
-FORMATS_TO = ("peft-lora",)
-FORMATS_FROM = ("peft-lora", "official")
+from .render import bytes_human, module_kind, table
 
 
 @handle_errors
@@ -35,25 +39,18 @@ def convert(
         callback=AT_LEAST_ONE,
         help="--to peft-lora: pad to this rank with zeros (the update B A is unchanged).",
     ),
-    method: Annotated[
-        Literal["auto", "xs", "sb"],
-        typer.Option(
-            "--method", help="--from official: xs, sb, or auto (LoRA-SB when A and B are both orthonormal)."
-        ),
-    ] = "auto",
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
-    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    method: OfficialMethodOption = "auto",
+    force: ForceReplaceOption = False,
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
     """Move adapters between loraxs, PEFT LoRA and the official LoRA-XS/LoRA-SB checkpoints."""
-    output = get_output(ctx, json_flag)
+    output = get_output(ctx)
     from ..errors import UsageError
 
     if (to is None) == (from_ is None):
         raise UsageError("give exactly one of --to peft-lora or --from peft-lora|official")
-    if to is not None and to not in FORMATS_TO:
-        raise UsageError(f"unknown --to {to!r}: use {', '.join(FORMATS_TO)}")
-    if from_ is not None and from_ not in FORMATS_FROM:
-        raise UsageError(f"unknown --from {from_!r}: use {', '.join(FORMATS_FROM)}")
     if method != "auto" and from_ != "official":
         raise UsageError("--method is for --from official")
     if to is not None:
@@ -84,44 +81,36 @@ def _export(output: Output, src: str, out: str, pad_rank: int | None, force: boo
             "classifier/score, on classification models)"
         )
 
-    def render() -> None:
-        output.out.print(
-            styled("[bold]{}[/]: ", out)
-            + f"PEFT LoRA, rank {doc['rank']}, lora_alpha {doc['lora_alpha']:g}, "
-            f"{doc['modules']} modules, {doc['params']:,} parameters"
-            + (f" + {doc['head_params']:,} in the task head" if doc["head_params"] else "")
-            + f", {bytes_human(doc['bytes'])}"
-        )
-
-    output.result(doc, render)
+    output.result(
+        doc,
+        styled("[bold]{}[/]: ", out) + f"PEFT LoRA, rank {doc['rank']}, lora_alpha {doc['lora_alpha']:g}, "
+        f"{doc['modules']} modules, {doc['params']:,} parameters"
+        + (f" + {doc['head_params']:,} in the task head" if doc["head_params"] else "")
+        + f", {bytes_human(doc['bytes'])}",
+    )
 
 
 def _import_peft(output: Output, src: str, model: str, out: str, rank: int | None, force: bool) -> None:
     from ..convert import import_peft
-    from .render import module_kind
 
     doc = import_peft(src, model, out, rank=rank, force=force)
+    output.result(doc, lambda doc: _imported_view(doc, out))
 
-    def render() -> None:
-        from rich.table import Table
 
-        p = output.out.print
-        p(
-            styled("[bold]{}[/]: ", out) + f"LoRA-XS rank {doc['rank']} from a rank-{doc['lora_rank']} LoRA, "
-            f"{doc['modules']} modules, {doc['params']:,} parameters; "
-            f"retained {doc['retained_energy']:.1%} of ||dW||_F^2"
-        )
-        kinds: dict[str, list[float]] = {}
-        for name, row in doc["per_module"].items():
-            kinds.setdefault(module_kind(name), []).append(row["retained"])
-        table = Table(title="retained share of each update, by module kind", title_justify="left")
-        for column in ("module", "mean", "min"):
-            table.add_column(column, justify="left" if column == "module" else "right")
-        for kind, values in kinds.items():
-            table.add_row(kind, f"{sum(values) / len(values):.1%}", f"{min(values):.1%}")
-        output.out.print(table)
-
-    output.result(doc, render)
+def _imported_view(doc: dict, out: str) -> list:
+    kinds: dict[str, list[float]] = {}
+    for name, row in doc["per_module"].items():
+        kinds.setdefault(module_kind(name), []).append(row["retained"])
+    rows = [
+        (kind, f"{sum(values) / len(values):.1%}", f"{min(values):.1%}") for kind, values in kinds.items()
+    ]
+    return [
+        styled("[bold]{}[/]: ", out) + f"LoRA-XS rank {doc['rank']} from a rank-{doc['lora_rank']} LoRA, "
+        f"{doc['modules']} modules, {doc['params']:,} parameters; "
+        f"retained {doc['retained_energy']:.1%} of ||dW||_F^2",
+        table("retained share of each update, by module kind", ("module", "mean", "min"), rows,
+              title_justify="left"),
+    ]  # fmt: skip
 
 
 def _import_official(output: Output, src: str, model: str, out: str, method: str, force: bool) -> None:
@@ -134,13 +123,11 @@ def _import_official(output: Output, src: str, model: str, out: str, method: str
             f"recorded as LoRA-{doc['method'].upper()} as --method says"
         )
 
-    def render() -> None:
-        output.out.print(
-            styled("[bold]{}[/]: ", out)
-            + f"LoRA-{doc['method'].upper()} rank {doc['rank']}, alpha {doc['alpha']:g}, "
-            f"{doc['modules']} modules, {doc['params']:,} parameters, factors embedded"
-            + (f", task head {', '.join(doc['head'])}" if doc["head"] else "")
-            + (f", {len(doc['labels'])} labels" if doc["labels"] else "")
-        )
-
-    output.result(doc, render)
+    output.result(
+        doc,
+        styled("[bold]{}[/]: ", out)
+        + f"LoRA-{doc['method'].upper()} rank {doc['rank']}, alpha {doc['alpha']:g}, "
+        f"{doc['modules']} modules, {doc['params']:,} parameters, factors embedded"
+        + (f", task head {', '.join(doc['head'])}" if doc["head"] else "")
+        + (f", {len(doc['labels'])} labels" if doc["labels"] else ""),
+    )

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import typer
 
-from .options import AT_LEAST_ONE, SEED, EvalTaskOption, WeightsDtypeOption, config_option
-from .output import Output, get_output, handle_errors
+from .options import (
+    AT_LEAST_ONE,
+    SEED,
+    ConfigOption,
+    DeviceOption,
+    EvalTaskOption,
+    JsonOption,
+    MaxLengthOption,
+    MaxNewTokensOption,
+    ModelArgument,
+    QuietOption,
+    VerboseOption,
+    WeightsDtypeOption,
+)
+from .output import get_output, handle_errors
+from .render import table
 
 SHOWN = ("loss", "perplexity", "accuracy", "macro_f1", "mcc", "pearson", "spearman", "mse", "exact_match")
 
@@ -13,20 +27,20 @@ SHOWN = ("loss", "perplexity", "accuracy", "macro_f1", "mcc", "pearson", "spearm
 @handle_errors
 def evaluate(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Local directory, Hugging Face model id, or .gguf file."),
+    model: ModelArgument,
     data: str = typer.Option(..., "--data", "-d", help="Evaluation data: .jsonl, .csv, .parquet or .txt."),
     adapter: list[str] = typer.Option(
         [], "--adapter", "-a", help="Adapter directory (repeat for several; none: the base model)."
     ),
     task: EvalTaskOption = None,
-    batch_size: int = typer.Option(16, "--batch-size", "-b", callback=AT_LEAST_ONE),
-    max_length: int = typer.Option(
-        512, "--max-length", callback=AT_LEAST_ONE, help="Tokens per example (longer text is cut)."
+    batch_size: int = typer.Option(
+        16, "--batch-size", "-b", callback=AT_LEAST_ONE, help="Examples per forward pass."
     ),
+    max_length: MaxLengthOption = 512,
     generate: bool = typer.Option(
         False, "--generate", help="Greedy generation; score the final answer by exact match."
     ),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", callback=AT_LEAST_ONE),
+    max_new_tokens: MaxNewTokensOption = 64,
     answer_regex: str | None = typer.Option(
         None,
         "--answer-regex",
@@ -36,28 +50,20 @@ def evaluate(
     limit: int | None = typer.Option(
         None, "--limit", callback=AT_LEAST_ONE, help="Evaluate the first N rows only."
     ),
-    device: str | None = typer.Option(None, "--device"),
+    device: DeviceOption = None,
     dtype: WeightsDtypeOption = "auto",
     seed: int = typer.Option(
         0, "--seed", callback=SEED, help="Seed of an untrained head (base-model classification)."
     ),
-    config: str | None = config_option(),
-    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    config: ConfigOption = None,
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
     """Loss/perplexity, accuracy/F1/MCC, correlations, or generation exact match."""
-    out = get_output(ctx, json_flag)
-    import re
-
-    from ..errors import UsageError
+    out = get_output(ctx)
     from ..evaluate import EvalRequest, run_eval
 
-    if batch_size <= 0 or max_length <= 0 or max_new_tokens <= 0 or (limit is not None and limit <= 0):
-        raise UsageError("--batch-size, --max-length, --max-new-tokens and --limit must be positive")
-    if answer_regex:
-        try:
-            re.compile(answer_regex)
-        except re.error as error:
-            raise UsageError(f"--answer-regex is not a valid regex: {error}") from None
     request = EvalRequest(
         model=model,
         data=data,
@@ -83,30 +89,22 @@ def evaluate(
     with ExitStack() as stack:
         state["stack"] = stack
         results = run_eval(request, on_start=on_start, on_batch=lambda n: state["advance"](n))
-    _render(out, model, data, results)
+    doc = {"model": model, "data": data, "results": results}
+    out.result(doc, _results_view)
 
 
-def _render(out: Output, model: str, data: str, results: list[dict]) -> None:
-    from rich.table import Table
-
-    def render() -> None:
-        columns = [k for k in SHOWN if any(k in r for r in results)]
-        under, labels = adapter_labels([row["adapter"] for row in results])
-        title = f"{model} on {data}" + (f" (adapters under {under})" if under else "")
-        table = Table(title=title)
-        # Never cut: rows that differ only at the end of a long path must not look the same.
-        table.add_column("adapter", overflow="fold")
-        table.add_column("examples", justify="right")
-        for name in columns:
-            table.add_column(name, justify="right")
-        for row, label in zip(results, labels, strict=True):
-            cells = [
-                f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in columns
-            ]
-            table.add_row(label, str(row["examples"]), *cells)
-        out.out.print(table)
-
-    out.result({"model": model, "data": data, "results": results}, render)
+def _results_view(doc: dict):
+    results = doc["results"]
+    columns = [k for k in SHOWN if any(k in r for r in results)]
+    under, labels = adapter_labels([row["adapter"] for row in results])
+    title = f"{doc['model']} on {doc['data']}" + (f" (adapters under {under})" if under else "")
+    rows = [
+        (label, str(row["examples"]),
+         *(f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in columns))
+        for row, label in zip(results, labels, strict=True)
+    ]  # fmt: skip
+    # The adapter column is never cut: rows that differ only at the end of a long path must not look the same.
+    return table(title, [("adapter", {"overflow": "fold"}), "examples", *columns], rows)
 
 
 def adapter_labels(adapters: list[str | None]) -> tuple[str | None, list[str]]:

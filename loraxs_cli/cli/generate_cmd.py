@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from .options import AT_LEAST_ONE, NON_NEGATIVE, SEED, TOP_P, WeightsDtypeOption
+from .options import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    SEED,
+    TOP_P,
+    DeviceOption,
+    JsonOption,
+    MaxNewTokensOption,
+    ModelArgument,
+    QuietOption,
+    VerboseOption,
+    WeightsDtypeOption,
+)
 from .output import get_output, handle_errors, stdout_stream
 
 ADAPTERS_HELP = (
@@ -17,13 +29,13 @@ ADAPTERS_HELP = (
 @handle_errors
 def generate(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Local directory, Hugging Face model id, or .gguf file."),
+    model: ModelArgument,
     prompts: str = typer.Option(
         ..., "--prompts", "-p", help='JSONL rows {"adapter": NAME or null, "prompt": TEXT} (or "messages").'
     ),
     adapters: list[str] = typer.Option([], "--adapters", "--adapter", "-a", help=ADAPTERS_HELP),
     out_file: str | None = typer.Option(None, "--out", "-o", help="Write the JSONL here instead of stdout."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", callback=AT_LEAST_ONE),
+    max_new_tokens: MaxNewTokensOption = 64,
     batch_size: int = typer.Option(
         16, "--batch-size", "-b", callback=AT_LEAST_ONE, help="Rows per forward pass (any adapters)."
     ),
@@ -36,23 +48,22 @@ def generate(
     seed: int = typer.Option(
         0, "--seed", callback=SEED, help="Sampling seed (same seed, inputs, batch size: same output)."
     ),
-    device: str | None = typer.Option(None, "--device"),
+    device: DeviceOption = None,
     dtype: WeightsDtypeOption = "auto",
-    json_flag: bool = typer.Option(
-        False, "--json", help="Summary as JSON (with --out); rows are JSONL anyway."
-    ),
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
-    """Generate for every prompt row: one JSON line {row, adapter, prompt, output} per row as batches end."""
-    out = get_output(ctx, json_flag)
+    """Generate for every prompt row: one JSON line {row, adapter, prompt, output} per row as batches end.
+
+    With --out, --json prints a summary document (the rows are JSONL either way)."""
+    out = get_output(ctx)
     import json
     from contextlib import ExitStack
 
-    from ..errors import UsageError
     from ..fsutil import atomic_file, check_output
     from ..generate import GenerateRequest, generate_inputs, run_generate
 
-    if batch_size <= 0 or max_new_tokens <= 0:
-        raise UsageError("--batch-size and --max-new-tokens must be positive")
     request = GenerateRequest(
         model=model,
         prompts=prompts,
@@ -83,7 +94,5 @@ def generate(
 
         count = run_generate(request, emit, on_start=on_start)
     if out_file:
-        out.result(
-            {"model": model, "prompts": prompts, "rows": count, "out": out_file},
-            lambda: out.info(f"wrote {count} rows to {out_file}"),
-        )
+        doc = {"model": model, "prompts": prompts, "rows": count, "out": out_file}
+        out.result(doc, f"wrote {count} rows to {out_file}", note=True)

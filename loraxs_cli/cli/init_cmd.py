@@ -2,101 +2,96 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import typer
 
+from ..method_defaults import SB_DEFAULTS
 from .options import (
     AT_LEAST_ONE,
-    EVERY,
-    POSITIVE,
     SEED,
-    SVD_HELP,  # noqa: F401 - re-exported for train_cmd's --svd help
+    JsonOption,
     MethodOption,
+    ModelArgument,
+    NiterOption,
+    OversampleOption,
+    QuietOption,
+    SbAccumDtypeOption,
+    SbGradModeOption,
+    SbLrOption,
+    SbStepOption,
+    SbTaskOption,
+    SvdDeviceOption,
     SvdOption,
-    Task,
+    TargetsOption,
+    VerboseOption,
     WeightsDtypeOption,
 )
 from .output import Output, get_output, handle_errors, styled
-from .render import bytes_human, energy_table
-
-TARGETS_HELP = (
-    "Comma-separated module names, dotted suffixes or globs, or 'all-linear'. Default: per architecture."
-)
-SB_STEP_HELP = "LoRA-SB: adam: dW = -eta G/(|G|+eps). sign: -eta sign(G), the official code's."
-SB_GRAD_MODE_HELP = "LoRA-SB: eval: gradient pass with dropout off. train: dropout on, as the official code."
-SB_ACCUM_HELP = "LoRA-SB: dtype of the gradient sums: float32, or bfloat16 (the official code's on bf16)."
-# LoRA-SB's choices (the core's tables in sb.py stay the authority for library callers).
-SbStep = Literal["adam", "sign"]
-SbGradMode = Literal["eval", "train"]
-SbAccumDtype = Literal["float32", "bfloat16"]
+from .render import Fields, bytes_human, energy_table
 
 
 @handle_errors
 def init(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Local directory, Hugging Face model id, or .gguf file."),
+    model: ModelArgument,
     rank: int = typer.Option(
         ..., "--rank", "-r", help="Rank r of the factors (adapters use r x r numbers per module)."
     ),
-    targets: str | None = typer.Option(None, "--targets", "-t", help=TARGETS_HELP),
+    targets: TargetsOption = None,
     method: MethodOption = "xs",
     svd: SvdOption = "torch",
-    niter: int | None = typer.Option(
-        None,
-        "--niter",
-        callback=EVERY,
-        help="Power iterations of the randomized SVD (default: 4; sklearn: 10).",
-    ),
-    oversample: int | None = typer.Option(
-        None,
-        "--oversample",
-        callback=EVERY,
-        help="Extra random directions, q = r + p (default: 16; sklearn: 10).",
-    ),
+    niter: NiterOption = None,
+    oversample: OversampleOption = None,
     seed: int = typer.Option(
         0,
         "--seed",
         callback=SEED,
         help="Seed of the SVD's own generator (sklearn: random_state 42 + seed) and the sample.",
     ),
-    device: str | None = typer.Option(
-        None, "--device", help="Where the SVD runs: cpu, cuda, cuda:1 (default: cpu)."
-    ),
+    device: SvdDeviceOption = None,
     dtype: WeightsDtypeOption = "auto",
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     data: str | None = typer.Option(
         None, "--data", "-d", help="LoRA-SB: training data whose sample gradient sets the factors."
     ),
-    task: Task = typer.Option("causal-lm", "--task", help="LoRA-SB: causal-lm, seq-cls or regression."),
+    task: SbTaskOption = "causal-lm",
     samples: int = typer.Option(
-        64, "--samples", callback=AT_LEAST_ONE, help="LoRA-SB: examples in the gradient sample."
+        SB_DEFAULTS.samples,
+        "--samples",
+        callback=AT_LEAST_ONE,
+        help="LoRA-SB: examples in the gradient sample.",
     ),
-    sb_lr: float = typer.Option(
-        3e-4, "--sb-lr", callback=POSITIVE, help="LoRA-SB: eta of the approximated first AdamW step."
-    ),
-    sb_step: SbStep = typer.Option("adam", "--sb-step", help=SB_STEP_HELP),
-    sb_grad_mode: SbGradMode = typer.Option("eval", "--sb-grad-mode", help=SB_GRAD_MODE_HELP),
-    sb_accum_dtype: SbAccumDtype = typer.Option("float32", "--sb-accum-dtype", help=SB_ACCUM_HELP),
+    sb_lr: SbLrOption = SB_DEFAULTS.eta,
+    sb_step: SbStepOption = SB_DEFAULTS.step,
+    sb_grad_mode: SbGradModeOption = SB_DEFAULTS.grad_mode,
+    sb_accum_dtype: SbAccumDtypeOption = SB_DEFAULTS.accum_dtype,
     batch_size: int = typer.Option(
-        8, "--batch-size", "-b", callback=AT_LEAST_ONE, help="LoRA-SB: batch size of the gradient pass."
+        SB_DEFAULTS.batch_size,
+        "--batch-size",
+        "-b",
+        callback=AT_LEAST_ONE,
+        help="LoRA-SB: batch size of the gradient pass.",
     ),
     max_length: int = typer.Option(
-        512, "--max-length", callback=AT_LEAST_ONE, help="LoRA-SB: tokens per example."
+        SB_DEFAULTS.max_length, "--max-length", callback=AT_LEAST_ONE, help="LoRA-SB: tokens per example."
     ),
     max_grad_memory: str = typer.Option(
-        "2GiB", "--max-grad-memory", help="LoRA-SB: gradient accumulators per pass (more: groups)."
+        SB_DEFAULTS.max_grad_memory,
+        "--max-grad-memory",
+        help="LoRA-SB: gradient accumulators per pass (more: groups).",
     ),
     force: bool = typer.Option(False, "--force", help="Recompute even when the cache has the entry."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (hit or miss, sizes, memory) and exit."
     ),
-    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
     """Compute LoRA-XS factors for MODEL (or serve them from the cache)."""
-    out = get_output(ctx, json_flag)
+    out = get_output(ctx)
     from ..factors import SVDSettings
     from ..initialize import FactorRequest, ensure_factors, parse_bytes, plan_factors
+    from ..methods import get_method
     from ..models import parse_targets
 
     request = FactorRequest(
@@ -109,18 +104,20 @@ def init(
         device=device,
         revision=revision,
     )
-    compute = None
-    if method == "sb":
+    chosen = get_method(method)
+    if chosen.needs_data:
         request, compute = _sb_request(request, data, task, samples, sb_lr, batch_size, max_length, seed,
                                        max_grad_memory, sb_step, sb_grad_mode, sb_accum_dtype)  # fmt: skip
     elif data is not None:
         from ..errors import UsageError
 
         raise UsageError("--data is for --method sb (LoRA-XS factors come from the weights alone)")
+    else:
+        request, compute = chosen.prepare(request)
     out.detail(f"resolving {model}")
     plan = plan_factors(request)
     if dry_run:
-        _render_plan(out, plan, parse_bytes(max_grad_memory) if method == "sb" else None)
+        _render_plan(out, plan, parse_bytes(max_grad_memory) if chosen.needs_data else None)
         return
     with out.progress("SVD", total=len(plan.targets)) as advance:
         entry, hit = ensure_factors(
@@ -136,7 +133,8 @@ def init(
 def _sb_request(request, data, task, samples, sb_lr, batch_size, max_length, seed, max_grad_memory,
                 sb_step, sb_grad_mode, sb_accum_dtype):  # fmt: skip
     from ..errors import UsageError
-    from ..initialize import SBInit, parse_bytes, sb_request
+    from ..methods import SB
+    from ..methods.sb import SBInit, parse_bytes
 
     if data is None:
         raise UsageError("--method sb needs --data: LoRA-SB factors come from a gradient on training data")
@@ -153,7 +151,7 @@ def _sb_request(request, data, task, samples, sb_lr, batch_size, max_length, see
         accum_dtype=sb_accum_dtype,
         step=sb_step,
     )
-    return sb_request(request, sb)
+    return SB.prepare(request, sb)
 
 
 def _render_plan(out: Output, plan, grad_budget: int | None) -> None:
@@ -173,41 +171,12 @@ def _render_plan(out: Output, plan, grad_budget: int | None) -> None:
         "base_params": base.total_params,
         "base_dtype": str(base.weights_dtype).removeprefix("torch."),
     }
-    if grad_budget is not None:
-        from ..sb import plan_groups
+    if grad_budget is not None:  # LoRA-SB: its recipe fields and gradient-pass arithmetic (methods/sb.py)
+        from ..methods import get_method
 
-        doc["sb"] = plan.recipe.extra["sb"]
-        accum = doc["sb"].get("accum_dtype", "float32")
-        item = 2 if accum == "bfloat16" else 4
-        shapes = base.shapes(plan.targets)
-        groups = plan_groups(shapes, grad_budget, item)
-        doc["gradient_passes"] = len(groups)
-        doc["accumulator_bytes"] = max(sum(item * m * n for m, n in (shapes[t] for t in g)) for g in groups)
+        doc.update(get_method(plan.request.method).plan_fields(plan, grad_budget))
 
-    def render() -> None:
-        hit = f"hit ({plan.entry.id})" if plan.entry else "miss: factors would be computed"
-        out.out.print(
-            styled(
-                "[bold]{}[/] ({}, {} parameters)",
-                base.resolved.spec,
-                base.model_type,
-                f"{base.total_params:,}",
-            )
-        )
-        out.out.print(f"  cache:    {hit}")
-        out.out.print(f"  modules:  {len(plan.targets)} at rank {plan.request.rank}")
-        out.out.print(f"  factors:  {bytes_human(plan.factor_bytes)} on disk (float32)")
-        if grad_budget is None:
-            out.out.print(
-                f"  memory:   base weights in {doc['base_dtype']} + one weight in float32 at a time"
-            )
-            return
-        out.out.print(
-            f"  memory:   a training step + {bytes_human(doc['accumulator_bytes'])} of {accum} gradient "
-            f"accumulators ({doc['gradient_passes']} pass(es) over {doc['sb']['samples']} samples)"
-        )
-
-    out.result(doc, render)
+    out.result(doc, _plan_view)
 
 
 def _render_entry(out: Output, plan, entry, hit: bool) -> None:
@@ -235,12 +204,35 @@ def _render_entry(out: Output, plan, entry, hit: bool) -> None:
         "sb": entry.meta.get("recipe", {}).get("extra", {}).get("sb"),
     }
 
-    def render() -> None:
-        of = "dW" if entry.meta["method"] == "sb" else "W"
-        energy_table(out.out, modules, rank=rank, r_max=entry.r_max, full=out.verbosity > 0, of=of)
-        verb = "served from the cache" if hit else f"computed in {entry.meta.get('seconds', 0):.1f} s"
-        out.out.print(
-            styled("{} factor pairs at rank {} {}: [bold]{}[/]", len(modules), rank, verb, entry.path)
-        )
+    out.result(doc, lambda doc: _entry_view(doc, full=out.verbosity > 0))
 
-    out.result(doc, render)
+
+def _plan_view(doc: dict) -> Fields:
+    hit = f"hit ({doc['entry']})" if doc["cache"] == "hit" else "miss: factors would be computed"
+    from ..methods import get_method
+
+    memory = get_method(doc["method"]).memory_text(doc)
+    heading = styled(
+        "[bold]{}[/] ({}, {} parameters)", doc["model"], doc["model_type"], f"{doc['base_params']:,}"
+    )
+    return Fields(
+        heading,
+        [
+            ("cache", hit),
+            ("modules", f"{doc['modules']} at rank {doc['rank']}"),
+            ("factors", f"{bytes_human(doc['factor_bytes'])} on disk (float32)"),
+            ("memory", memory),
+        ],
+    )
+
+
+def _entry_view(doc: dict, *, full: bool) -> list:
+    from ..methods import method_of
+
+    of = method_of(doc["method"]).factor_of
+    modules, rank = doc["modules"], doc["rank"]
+    verb = "served from the cache" if doc["cache"] == "hit" else f"computed in {doc['seconds'] or 0:.1f} s"
+    return [
+        energy_table(modules, rank=rank, r_max=doc["r_max"], full=full, of=of),
+        styled("{} factor pairs at rank {} {}: [bold]{}[/]", len(modules), rank, verb, doc["path"]),
+    ]

@@ -6,11 +6,17 @@ from pathlib import Path
 
 import typer
 
-from .options import EVERY, StorageDtypeOption, complete_presets
+from .options import (
+    EVERY,
+    JsonOption,
+    QuietOption,
+    StorageDtypeOption,
+    TargetsOption,
+    VerboseOption,
+    complete_presets,
+)
 from .output import Output, get_output, handle_errors, styled
-from .render import bytes_human
-
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
+from .render import Fields, bytes_human, table
 
 
 @handle_errors
@@ -22,9 +28,7 @@ def inspect(
         autocompletion=complete_presets,
     ),
     rank: int = typer.Option(16, "--rank", "-r", help="LoRA-XS rank for the estimate."),
-    targets: str | None = typer.Option(
-        None, "--targets", "-t", help="Target modules (default: per architecture)."
-    ),
+    targets: TargetsOption = None,
     users: int = typer.Option(
         1_000_000, "--users", callback=EVERY, help="Number of adapters to store (one per user)."
     ),
@@ -35,27 +39,24 @@ def inspect(
     vera_rank: int | None = typer.Option(
         None, "--vera-rank", help="VeRA rank to compare with (default: --rank)."
     ),
-    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
     """Parameter counts and storage per adapter and for N users, or an adapter's contents."""
-    out = get_output(ctx, json_flag)
-    from ..adapter import is_adapter_dir
+    out = get_output(ctx)
+    from ..sources import is_adapter_spec
 
-    if is_adapter_dir(target):
-        _inspect_adapter(out, Path(target))
+    if is_adapter_spec(target):  # DIR, PACK::NAME, or a pack of one adapter
+        _inspect_adapter(out, target)
         return
     if (Path(target) / "adapter_config.json").is_file():
         _inspect_peft(out, Path(target))
         return
-    from ..errors import BadInputError
-
-    if dtype not in DTYPE_BYTES:
-        raise BadInputError(f"unknown --dtype {dtype!r}: use {', '.join(DTYPE_BYTES)}")
-    if users < 0:
-        raise BadInputError("--users must be >= 0")
     from ..estimate import bytes_for_users, estimate
+    from ..inspection import DTYPE_BYTES, target_shapes
 
-    name, shapes, total = _shapes_for(target, targets)
+    name, shapes, total = target_shapes(target, targets)
     rows = estimate(
         shapes,
         rank,
@@ -83,74 +84,51 @@ def inspect(
         ],
     }
 
-    def render() -> None:
-        from rich.table import Table
-
-        table = Table(title=f"{name}: {len(shapes)} target modules, {dtype}", title_justify="left")
-        for column in ("method", "rank", "trainable", "per adapter", f"{users:,} users", "x LoRA-XS"):
-            table.add_column(column, justify="left" if column == "method" else "right")
-        for row in doc["methods"]:
-            table.add_row(
-                row["method"],
-                "-" if row["rank"] is None else str(row["rank"]),
-                f"{row['params']:,}",
-                bytes_human(row["bytes"]),
-                bytes_human(row["bytes_for_users"]),
-                f"{row['times_lora_xs']:,.0f}x" if row["times_lora_xs"] else "-",
-            )
-        out.out.print(table)
-        lora = next(e for e in rows if e.method == "lora")
-        if xs.bytes:
-            out.out.print(
-                f"One LoRA-XS adapter is {bytes_human(xs.bytes)} against {bytes_human(lora.bytes)} for LoRA "
-                f"(rank {lora.rank}): {lora.bytes / xs.bytes:,.0f}x less to store per user."
-            )
-
-    out.result(doc, render)
+    out.result(doc, _estimate_view)
 
 
-def _shapes_for(target: str, targets: str | None):
-    """(display name, target shapes, total params) from a local model/config, a preset or a hub id."""
-    from ..estimate import ModuleShape, find_preset
-    from ..models import parse_targets
-
-    wanted = parse_targets(targets)
-    path = Path(target).expanduser()
-    preset = None if path.exists() else find_preset(target)
-    if preset is not None:
-        return preset.name, preset.shapes(wanted), preset.total_params
-    from ..errors import BadInputError
-    from ..estimate import unknown_preset_message
-    from ..models import linear_modules, load_config, match_targets, resolve_config_only, skeleton
-
-    try:
-        resolved = resolve_config_only(target)
-    except BadInputError:
-        if path.exists() or "/" in target:
-            raise
-        # A bare name that is no preset: most likely a mistyped preset, not a hub id.
-        raise BadInputError(unknown_preset_message(target)) from None
-    config = load_config(resolved)
-    meta_model = skeleton(config)
-    modules = linear_modules(meta_model)
-    names = match_targets(modules, wanted, config.model_type)
-    shapes = [ModuleShape(n, modules[n].out_features, modules[n].in_features) for n in names]
-    total = sum(p.numel() for p in meta_model.parameters())
-    return resolved.spec, shapes, total
+def _estimate_view(doc: dict) -> list:
+    methods = doc["methods"]
+    rows = [
+        (
+            row["method"],
+            "-" if row["rank"] is None else str(row["rank"]),
+            f"{row['params']:,}",
+            bytes_human(row["bytes"]),
+            bytes_human(row["bytes_for_users"]),
+            f"{row['times_lora_xs']:,.0f}x" if row["times_lora_xs"] else "-",
+        )
+        for row in methods
+    ]
+    columns = ("method", "rank", "trainable", "per adapter", f"{doc['users']:,} users", "x LoRA-XS")
+    title = f"{doc['model']}: {doc['modules']} target modules, {doc['dtype']}"
+    view: list = [table(title, columns, rows, title_justify="left")]
+    xs, lora = methods[-1], next(m for m in methods if m["method"] == "lora")
+    if xs["bytes"]:
+        view.append(
+            f"One LoRA-XS adapter is {bytes_human(xs['bytes'])} against {bytes_human(lora['bytes'])} "
+            f"for LoRA (rank {lora['rank']}): {lora['bytes'] / xs['bytes']:,.0f}x less to store per user."
+        )
+    return view
 
 
-def _inspect_adapter(out: Output, path: Path) -> None:
-    from ..adapter import EMBEDDED_FACTORS_FILE, load_adapter
+def _inspect_adapter(out: Output, spec: str) -> None:
     from ..cache import FactorCache
+    from ..sources import load_one, spec_path
 
-    adapter = load_adapter(path)
+    adapter = load_one(spec)
     config = adapter.config
     cache = FactorCache()
     entry = cache.get(config.factors.get("id", ""))
     in_cache = entry is not None and entry.sha256 == config.factors.get("sha256")
-    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    path = spec_path(spec)  # the directory, or the pack a member is in
+    files = (
+        {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+        if path.is_dir()
+        else {path.name: path.stat().st_size}
+    )
     doc = {
-        "path": str(path),
+        "path": str(adapter.path),
         "method": config.method,
         "rank": config.rank,
         "alpha": config.alpha,
@@ -166,43 +144,56 @@ def _inspect_adapter(out: Output, path: Path) -> None:
         "factors": {
             **config.factors,
             "in_cache": in_cache,
-            "embedded": (path / EMBEDDED_FACTORS_FILE).is_file(),
+            "embedded": adapter.factors is not None,
         },
         "extra": config.extra,
         "sb": (entry.meta.get("recipe", {}).get("extra", {}) if entry else config.extra).get("sb"),
     }
 
-    def render() -> None:
-        p = out.out.print
-        p(
-            styled("[bold]{}[/]: ", path) + f"LoRA-{config.method.upper()} adapter, "
-            f"rank {config.rank}, alpha {config.alpha:g}"
-        )
-        p(
-            f"  task:       {config.task or '-'}"
-            + (f" ({len(config.labels)} labels)" if config.labels else "")
-        )
-        p(
-            f"  trainable:  {adapter.num_params:,} in {len(config.modules)} modules"
-            + (f" + {adapter.head_params:,} in the task head" if adapter.head_params else "")
-        )
-        p("  files:      " + ", ".join(f"{n} {bytes_human(s)}" for n, s in files.items()))
-        p(f"  base:       {config.base.get('spec')} (fingerprint {config.base.get('fingerprint')})")
-        state = "embedded" if doc["factors"]["embedded"] else ("in the cache" if in_cache else "missing")
-        p(styled("  factors:    {} (" + ("[red]{}[/]" if state == "missing" else "{}") + ")",
-                 config.factors.get("id"), state))  # fmt: skip
-        if doc["sb"]:
-            sb = doc["sb"]
-            p(f"  LoRA-SB:    {sb['samples']} samples of data {sb['data_sha256'][:12]}, eta {sb['eta']:g}")
-        for key, value in (config.extra.get("metrics") or {}).items():
-            p(f"  {key}: {value}")
-        source = config.extra.get("converted_from")
-        if source:
-            kept = source.get("retained_energy")
-            p(f"  converted:  from {source['format']} {source.get('path')}"
-              + (f" (retained {kept:.1%} of ||dW||_F^2)" if kept is not None else ""))  # fmt: skip
+    out.result(doc, _adapter_view)
 
-    out.result(doc, render)
+
+def _adapter_view(doc: dict) -> Fields:
+    from ..methods import method_of
+
+    factors, extra, sb = doc["factors"], doc["extra"], doc["sb"]
+    method = method_of(doc["method"], {"sb": sb})  # the recorded recipe fields name it, else the config
+    state = "embedded" if factors["embedded"] else ("in the cache" if factors["in_cache"] else "missing")
+    source = extra.get("converted_from")
+    kept = source.get("retained_energy") if source else None
+    rows = [
+        ("task", f"{doc['task'] or '-'}" + (f" ({len(doc['labels'])} labels)" if doc["labels"] else "")),
+        ("trainable", _trainable(doc)),
+        ("files", _files(doc["files"])),
+        ("base", f"{doc['base'].get('spec')} (fingerprint {doc['base'].get('fingerprint')})"),
+        (
+            "factors",
+            styled("{} (" + ("[red]{}[/]" if state == "missing" else "{}") + ")", factors.get("id"), state),
+        ),
+        (method.title, method.describe(sb, "inspect")) if sb else None,
+        *(f"  {key}: {value}" for key, value in (extra.get("metrics") or {}).items()),
+        (
+            "converted",
+            f"from {source['format']} {source.get('path')}"
+            + (f" (retained {kept:.1%} of ||dW||_F^2)" if kept is not None else ""),
+        )
+        if source
+        else None,
+    ]
+    heading = styled("[bold]{}[/]: ", doc["path"]) + (
+        f"LoRA-{doc['method'].upper()} adapter, rank {doc['rank']}, alpha {doc['alpha']:g}"
+    )
+    return Fields(heading, rows, width=12)
+
+
+def _trainable(doc: dict) -> str:
+    return f"{doc['params']:,} in {doc['modules']} modules" + (
+        f" + {doc['head_params']:,} in the task head" if doc["head_params"] else ""
+    )
+
+
+def _files(files: dict[str, int]) -> str:
+    return ", ".join(f"{name} {bytes_human(size)}" for name, size in files.items())
 
 
 def _inspect_peft(out: Output, path: Path) -> None:
@@ -211,12 +202,10 @@ def _inspect_peft(out: Output, path: Path) -> None:
 
     doc = {"path": str(path), **describe_peft_dir(path)}
 
-    def render() -> None:
-        p = out.out.print
-        p(styled("[bold]{}[/]: ", path) + f"PEFT {doc['peft_type']} adapter ({doc['task_type']}), "
-          f"rank {doc['rank']}, lora_alpha {doc['lora_alpha']}")  # fmt: skip
-        p(f"  trainable:  {doc['params']:,} in {doc['modules']} modules"
-          + (f" + {doc['head_params']:,} in the task head" if doc["head_params"] else ""))  # fmt: skip
-        p("  files:      " + ", ".join(f"{n} {bytes_human(s)}" for n, s in doc["files"].items()))
-
-    out.result(doc, render)
+    heading = styled("[bold]{}[/]: ", path) + (
+        f"PEFT {doc['peft_type']} adapter ({doc['task_type']}), "
+        f"rank {doc['rank']}, lora_alpha {doc['lora_alpha']}"
+    )
+    out.result(
+        doc, Fields(heading, [("trainable", _trainable(doc)), ("files", _files(doc["files"]))], width=12)
+    )

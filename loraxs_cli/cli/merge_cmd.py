@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from .options import MergeDtypeOption, config_option
+from .options import (
+    ConfigOption,
+    ForceReplaceOption,
+    JsonOption,
+    MergeDtypeOption,
+    QuietOption,
+    VerboseOption,
+)
 from .output import get_output, handle_errors, styled
-from .render import bytes_human
+from .render import Fields, bytes_human
 
 
 @handle_errors
@@ -22,37 +29,21 @@ def merge(
         help="Before publishing, load the merged model and base + adapter and compare their logits "
         "(needs memory for both models).",
     ),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+    force: ForceReplaceOption = False,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (shards, sizes, memory) and exit."),
-    config: str | None = config_option(),
-    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    config: ConfigOption = None,
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
     """Write W' = W + s B R A into a copy of the base (same shards, config and tokenizer)."""
-    out_ = get_output(ctx, json_flag)
+    out_ = get_output(ctx)
     from ..merge import plan_merge, run_merge
 
     plan = plan_merge(model, adapter, out, dtype=dtype, force=force)
     doc = plan.as_dict()
     if dry_run:
-
-        def render_plan() -> None:
-            p = out_.out.print
-            p(styled("[bold]merge plan[/] {} + {} -> {}", model, adapter, out))
-            p(
-                f"  shards:      {len(plan.shards)} ({bytes_human(plan.checkpoint_bytes)}, "
-                f"largest {bytes_human(plan.largest_shard_bytes)})"
-            )
-            p(
-                f"  modules:     {len(plan.targets)} merged"
-                + (f", head {', '.join(doc['head'])}" if doc["head"] else "")
-            )
-            p(f"  dtype:       {doc['dtype']}")
-            p(
-                f"  peak memory: about {bytes_human(plan.estimated_peak_bytes)} "
-                f"(factors {bytes_human(plan.factor_bytes)})"
-            )
-
-        out_.result({"dry_run": True, **doc}, render_plan)
+        out_.result({"dry_run": True, **doc}, lambda doc: _plan_view(plan, doc, model, adapter, out))
         return
     with out_.progress("merge", total=len(plan.shards)) as advance:
         report = run_merge(
@@ -63,21 +54,35 @@ def merge(
         )
     doc.update(report)
 
-    def render() -> None:
-        p = out_.out.print
-        p(
-            styled("[bold]{}[/]", out),
-            f": merged {report['merged_modules']} modules into {len(plan.shards)} shard(s), "
-            f"{bytes_human(report['bytes'])} in {report['seconds']:.1f}s",
-            sep="",
-        )
-        if report["head"]:
-            p(f"  task head: {', '.join(report['head'])}")
-        if "verify" in report:
-            v = report["verify"]
-            p(
-                f"  verified: max |diff| {v['max_abs_diff']:.3g} (relative {v['relative_diff']:.2g}, "
-                f"tolerance {v['tolerance']:g}) on {v['samples']} samples"
-            )
+    out_.result(doc, lambda doc: _merged_view(doc, out, len(plan.shards)))
 
-    out_.result(doc, render)
+
+def _plan_view(plan, doc: dict, model: str, adapter: str, out: str) -> Fields:
+    head = f", head {', '.join(doc['head'])}" if doc["head"] else ""
+    shards = f"{bytes_human(plan.checkpoint_bytes)}, largest {bytes_human(plan.largest_shard_bytes)}"
+    peak = f"about {bytes_human(plan.estimated_peak_bytes)} (factors {bytes_human(plan.factor_bytes)})"
+    return Fields(
+        styled("[bold]merge plan[/] {} + {} -> {}", model, adapter, out),
+        [
+            ("shards", f"{len(plan.shards)} ({shards})"),
+            ("modules", f"{len(plan.targets)} merged{head}"),
+            ("dtype", doc["dtype"]),
+            ("peak memory", peak),
+        ],
+        width=13,
+    )
+
+
+def _merged_view(report: dict, out: str, shards: int) -> Fields:
+    """`report`: the result document (the plan and what run_merge reported)."""
+    v = report.get("verify")
+    verified = v and (
+        f"max |diff| {v['max_abs_diff']:.3g} (relative {v['relative_diff']:.2g}, "
+        f"tolerance {v['tolerance']:g}) on {v['samples']} samples"
+    )
+    heading = styled("[bold]{}[/]", out) + (
+        f": merged {report['merged_modules']} modules into {shards} shard(s), "
+        f"{bytes_human(report['bytes'])} in {report['seconds']:.1f}s"
+    )
+    head = ("task head", ", ".join(report["head"])) if report["head"] else None
+    return Fields(heading, [head, ("verified", verified) if v else None], width=0)

@@ -109,21 +109,6 @@ def _hint(name: str, known: dict[str, str]) -> str:
     return f"; did you mean '{close[0].replace('_', '-')}'?" if close else ""
 
 
-def config_option():
-    return typer.Option(
-        None,
-        "--config",
-        is_eager=True,
-        callback=_load_config_file,
-        help="YAML or JSON file of option values (names as the long flags); flags on the command line win.",
-    )
-
-
-def positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise UsageError(f"{name} must be positive, got {value}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Numbers. Every int and float option of every command names its range here, once, as a typer
 # callback: `typer.Option(1.0, "--epochs", callback=POSITIVE)`. A callback runs on every value the
@@ -264,11 +249,19 @@ SvdBackend = Literal["torch", "sklearn", "exact"]
 Schedule = Literal["linear", "cosine", "constant"]
 ExportFormat = Literal["peft-lora"]
 ImportFormat = Literal["peft-lora", "official"]
+OfficialMethod = Literal["auto", "xs", "sb"]
+ChatLoss = Literal["all", "last"]  # data.CHAT_LOSS
+SbStep = Literal["adam", "sign"]  # sb.STEPS
+SbGradMode = Literal["eval", "train"]  # sb.GRAD_MODES
+SbAccumDtype = Literal["float32", "bfloat16"]  # sb.ACCUM_DTYPES
 
 TASK_HELP = "causal-lm (prompt/response, messages, text), seq-cls (text + label) or regression (float label)."
 SVD_HELP = (
     "torch: randomized SVD on --device. sklearn: the official LoRA-XS call, TruncatedSVD on W^T. "
     "exact: full SVD, truncated (slow on large weights)."
+)
+TARGETS_HELP = (
+    "Comma-separated module names, dotted suffixes or globs, or 'all-linear'. Default: per architecture."
 )
 
 MethodOption = Annotated[
@@ -277,6 +270,10 @@ MethodOption = Annotated[
 EvalTaskOption = Annotated[
     Task | None, typer.Option("--task", help=TASK_HELP + " Default: the adapter's task.")
 ]
+TrainTaskOption = Annotated[
+    Task | None, typer.Option("--task", help=TASK_HELP + " Default: inferred from the rows.")
+]
+SbTaskOption = Annotated[Task, typer.Option("--task", help="LoRA-SB: causal-lm, seq-cls or regression.")]
 WeightsDtypeOption = Annotated[
     WeightsDtype, typer.Option("--dtype", help="Dtype the base weights are read in (auto: the checkpoint's).")
 ]
@@ -298,6 +295,170 @@ FromOption = Annotated[
         help="Import: peft-lora (projected onto the LoRA-XS factors) or official (LoRA-XS/LoRA-SB, exact).",
     ),
 ]
+OfficialMethodOption = Annotated[
+    OfficialMethod,
+    typer.Option(
+        "--method", help="--from official: xs, sb, or auto (LoRA-SB when A and B are both orthonormal)."
+    ),
+]
+ChatLossOption = Annotated[
+    ChatLoss,
+    typer.Option("--chat-loss", help="messages rows: loss on all assistant turns, or only the last."),
+]
+SbStepOption = Annotated[
+    SbStep,
+    typer.Option(
+        "--sb-step", help="LoRA-SB: adam: dW = -eta G/(|G|+eps). sign: -eta sign(G), the official code's."
+    ),
+]
+SbGradModeOption = Annotated[
+    SbGradMode,
+    typer.Option(
+        "--sb-grad-mode",
+        help="LoRA-SB: eval: gradient pass with dropout off. train: dropout on, as the official code.",
+    ),
+]
+SbAccumDtypeOption = Annotated[
+    SbAccumDtype,
+    typer.Option(
+        "--sb-accum-dtype",
+        help="LoRA-SB: dtype of the gradient sums: float32, or bfloat16 (the official code's on bf16).",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and arguments that several commands share, once each (in the manner of the `hf` CLI).
+
+ModelArgument = Annotated[str, typer.Argument(help="Local directory, Hugging Face model id, or .gguf file.")]
+TargetsOption = Annotated[str | None, typer.Option("--targets", "-t", help=TARGETS_HELP)]
+MaxLengthOption = Annotated[
+    int, typer.Option("--max-length", callback=AT_LEAST_ONE, help="Tokens per example (longer text is cut).")
+]
+MaxNewTokensOption = Annotated[
+    int, typer.Option("--max-new-tokens", callback=AT_LEAST_ONE, help="Tokens generated per row at most.")
+]
+NiterOption = Annotated[
+    int | None,
+    typer.Option(
+        "--niter", callback=EVERY, help="Power iterations of the randomized SVD (default: 4; sklearn: 10)."
+    ),
+]
+OversampleOption = Annotated[
+    int | None,
+    typer.Option(
+        "--oversample", callback=EVERY, help="Extra random directions, q = r + p (default: 16; sklearn: 10)."
+    ),
+]
+SbLrOption = Annotated[
+    float,
+    typer.Option("--sb-lr", callback=POSITIVE, help="LoRA-SB: eta of the approximated first AdamW step."),
+]
+ForceReplaceOption = Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")]
+ConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        is_eager=True,
+        callback=_load_config_file,
+        help="YAML or JSON file of option values (names as the long flags); flags on the command line win.",
+    ),
+]
+
+
+def _check_device(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    """`--device`: the core's one parser (devices.parse_device), before the command starts: a device
+    torch does not know or this machine does not have is one line and exit 3 in every command."""
+    if value is None or ctx.resilient_parsing:  # not given, or shell completion
+        return value
+    from ..devices import parse_device  # torch: only once a --device is given
+    from .output import report_error
+
+    try:
+        parse_device(value)
+    except Exception as error:
+        report_error(error)
+    return value
+
+
+def complete_devices(incomplete: str) -> list[str]:
+    return [d for d in ("cpu", "cuda", "cuda:0", "cuda:1", "mps") if d.startswith(incomplete)]
+
+
+DEVICE_HELP = "cpu, cuda, cuda:1, mps (default: the GPU if there is one, else the CPU)."
+DeviceOption = Annotated[
+    str | None,
+    typer.Option("--device", callback=_check_device, autocompletion=complete_devices, help=DEVICE_HELP),
+]
+SvdDeviceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        callback=_check_device,
+        autocompletion=complete_devices,
+        help="Where the SVD runs: cpu, cuda, cuda:1 (default: cpu).",
+    ),
+]
+
+
+# The output options: accepted before the command (`loraxs --json init ...`) and after it
+# (`loraxs init ... --json`). Each callback sets the invocation's Output (output.get_output), so the
+# command reads `out.json_mode` and `out.verbosity` wherever the flag was written; -q wins over -v.
+def _set_output(ctx: typer.Context, param: typer.CallbackParam, value):
+    if ctx.resilient_parsing or not value:
+        return value
+    from .output import get_output
+
+    out = get_output(ctx)
+    if param.name == "json_flag":
+        out.json_mode = True
+    elif param.name == "quiet":
+        out.quiet = True
+    else:
+        out.verbose += value
+    return value
+
+
+JsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        callback=_set_output,
+        expose_value=False,
+        help="Print one JSON document on stdout; logs and progress go to stderr.",
+    ),
+]
+QuietOption = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", callback=_set_output, expose_value=False, help="Only errors and the result."
+    ),
+]
+VerboseOption = Annotated[
+    int,
+    typer.Option(
+        "--verbose", "-v", count=True, callback=_set_output, expose_value=False, help="More detail on stderr."
+    ),
+]
+
+
+def help_panels(panels: dict[str, tuple[str, ...]]) -> type:
+    """A command class that shows its options in rich help panels: {panel title: parameter names}.
+
+    The shared options above stay one definition each; the panel is the command's choice."""
+    from typer.core import TyperCommand
+
+    where = {name: title for title, names in panels.items() for name in names}
+
+    class PanelledCommand(TyperCommand):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for param in self.params:
+                if param.name in where:
+                    param.rich_help_panel = where[param.name]
+
+    PanelledCommand.panels = panels
+    return PanelledCommand
 
 
 def complete_presets(incomplete: str) -> list[tuple[str, str]]:

@@ -37,15 +37,21 @@ def debug_enabled() -> bool:
 
 
 class Output:
-    """Per-invocation output settings (global -v/-q/--json, or the command's own --json)."""
+    """Per-invocation output settings: -v/-q/--json, before or after the command (options.py)."""
 
     def __init__(self, verbosity: int = 0, json_mode: bool = False):
-        self.verbosity = verbosity
+        self.quiet = verbosity < 0  # -q, before or after the command: wins over any -v
+        self.verbose = max(verbosity, 0)  # the -v count, before and after the command together
         self.json_mode = json_mode
         self.err = make_console(stderr=True)
         self.out = make_console(stderr=False)
         # Set when the command itself said what Ctrl-C left behind ("interrupted at step 12: ...").
         self.interrupt_noted = False
+
+    @property
+    def verbosity(self) -> int:
+        """-1 with -q, else the number of -v."""
+        return -1 if self.quiet else self.verbose
 
     @property
     def interactive(self) -> bool:
@@ -65,14 +71,27 @@ class Output:
     def warn(self, message: str) -> None:
         self.err.print(Text.assemble(("warning:", "yellow"), " ", message))
 
-    def result(self, document: dict, render: Callable[[], None]) -> None:
-        """The command's result: one JSON document on stdout with --json, else a human rendering."""
+    def result(self, document: dict, view: Any = None, *, note: bool = False) -> None:
+        """The one sink of a command's result: the document as one JSON document on stdout with
+        --json, else its human view on stdout (`note`: on stderr, hidden by -q, for a summary of
+        output written elsewhere).
+
+        `view` is the human view of the document: a rich renderable or text, a list of them (printed
+        in order), None (nothing), or a function of the document that returns one (built only when
+        shown: the views are in the command modules, their pieces in render.py)."""
         stream = stdout_stream()
         if self.json_mode:
             stream.write(json_text(document) + "\n")
             stream.flush()
-        else:
-            render()
+            return
+        if callable(view):
+            view = view(document)
+        if note and self.verbosity < 0:
+            return
+        console = self.err if note else self.out
+        for item in view if isinstance(view, list | tuple) else [view]:
+            if item is not None:
+                console.print(item)
 
     @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
@@ -225,13 +244,12 @@ def _jsonable(value: Any, where: str, notes: dict[str, str]) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def get_output(ctx: typer.Context, json_flag: bool = False) -> Output:
+def get_output(ctx: typer.Context) -> Output:
+    """The invocation's Output (kept on the root context; made on first use)."""
     root = ctx.find_root()
-    out = root.obj if isinstance(root.obj, Output) else Output()
-    if json_flag:
-        out.json_mode = True
-    root.obj = out
-    return out
+    if not isinstance(root.obj, Output):
+        root.obj = Output()
+    return root.obj
 
 
 def handle_errors(function: Callable) -> Callable:
@@ -253,7 +271,7 @@ def handle_errors(function: Callable) -> Callable:
             except Exception as error:
                 if interrupted():  # what a library made of the KeyboardInterrupt it caught
                     _interrupted(kwargs)
-                _report(error)
+                report_error(error)
             if interrupted():  # the command went on after Ctrl-C: still an interruption
                 _interrupted(kwargs)
             return result
@@ -268,7 +286,7 @@ def _interrupted(kwargs: dict):
     raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-def _report(error: Exception):
+def report_error(error: Exception):
     """One line and the documented exit code for `error` (with LORAXS_DEBUG=1: the traceback)."""
     if isinstance(error, LoraxsError):
         if debug_enabled():

@@ -1,4 +1,8 @@
-"""Shared rich renderings (tables, byte sizes) for the command modules."""
+"""The human views of the commands' result documents (rich text and tables), for `Output.result`.
+
+A command builds its result document (what --json prints) and a view of that document from the
+pieces here; Output.result prints one or the other. Views are data (renderables), not printing code.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import io
 import re
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
+from rich.text import Text
 
 from ..estimate import human_bytes as bytes_human  # noqa: F401 - re-exported for the commands
 
@@ -51,9 +57,7 @@ def fits_whole(console: Console, table: Table, texts: Sequence[str]) -> bool:
     return all(any(text in line for line in lines) for text in texts)
 
 
-def energy_table(
-    console: Console, modules: list[dict], *, rank: int, r_max: int, full: bool, of: str = "W"
-) -> None:
+def energy_table(modules: list[dict], *, rank: int, r_max: int, full: bool, of: str = "W") -> Table:
     """Captured energy per module (with -v) or per module kind (mean, min over layers).
 
     `of` names the matrix whose truncated SVD made the factors: W (LoRA-XS) or dW (LoRA-SB)."""
@@ -85,4 +89,41 @@ def energy_table(
                 f"{sum(energies) / len(energies):.3f}",
                 f"{min(energies):.3f}",
             )
-    console.print(table)
+    return table
+
+
+Row = tuple[str, "str | Text"] | str | Text | None
+
+
+@dataclass
+class Fields:
+    """A heading, then one `  label: value` line per row, the values aligned at column `width` + 2
+    (0: not aligned). A text row is a line as it is; a None row is left out (rows that only some
+    results have)."""
+
+    heading: Text | str | None
+    rows: Sequence[Row]
+    width: int = 10
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.heading is not None:
+            yield Text(self.heading) if isinstance(self.heading, str) else self.heading
+        for row in self.rows:
+            if isinstance(row, str | Text):  # a line of its own, as it is
+                yield Text(row) if isinstance(row, str) else row
+            elif row is not None:
+                label, value = row
+                yield Text.assemble(f"  {label}:" + " " * max(self.width - len(label) - 1, 1), value)
+
+
+def table(
+    title: str | None, columns: Sequence[str | tuple[str, dict]], rows: Sequence[Sequence], **options
+) -> Table:
+    """A rich Table: each column a name (right-aligned but the first) or (name, Table.add_column options)."""
+    view = Table(title=title, **options)
+    for number, column in enumerate(columns):
+        name, settings = column if isinstance(column, tuple) else (column, {})
+        view.add_column(name, **{"justify": "left" if number == 0 else "right", **settings})
+    for row in rows:
+        view.add_row(*row)
+    return view

@@ -6,16 +6,6 @@ from contextlib import ExitStack
 
 import typer
 
-from .init_cmd import (
-    SB_ACCUM_HELP,
-    SB_GRAD_MODE_HELP,
-    SB_STEP_HELP,
-    SVD_HELP,
-    TARGETS_HELP,
-    SbAccumDtype,
-    SbGradMode,
-    SbStep,
-)
 from .options import (
     AT_LEAST_ONE,
     EVERY,
@@ -23,34 +13,65 @@ from .options import (
     POSITIVE,
     SEED,
     SHARE,
-    Method,
+    ChatLossOption,
+    ConfigOption,
+    DeviceOption,
+    JsonOption,
+    MaxLengthOption,
+    MethodOption,
+    ModelArgument,
+    NiterOption,
+    OversampleOption,
     Precision,
+    QuietOption,
+    SbAccumDtypeOption,
+    SbGradModeOption,
+    SbLrOption,
+    SbStepOption,
     Schedule,
-    SvdBackend,
-    Task,
-    WeightsDtype,
-    config_option,
+    SvdOption,
+    TargetsOption,
+    TrainTaskOption,
+    VerboseOption,
+    WeightsDtypeOption,
+    help_panels,
     lr_or_auto,
 )
 from .output import Output, get_output, handle_errors, styled
-from .render import bytes_human
+from .render import Fields, bytes_human, table
 
-TASK_HELP = "causal-lm (prompt/response, messages, text), seq-cls (text + label) or regression (float label)."
+# `loraxs train --help` shows its options in these panels (every option is in one; MODEL is the argument).
+TrainCommand = help_panels(
+    {
+        "Model and data": ("data", "task", "eval_data", "eval_split", "max_length", "chat_loss",
+                           "dtype", "seed"),
+        "Adapter": ("method", "rank", "alpha", "targets", "init_std", "embed_factors", "svd", "niter",
+                    "oversample", "sb_samples", "sb_lr", "sb_official_eta", "sb_step", "sb_grad_mode",
+                    "sb_accum_dtype", "sb_batch_size", "max_grad_memory"),
+        "Optimisation": ("lr", "head_lr", "lr_find_steps", "weight_decay", "warmup_ratio", "schedule",
+                         "max_grad_norm", "batch_size", "grad_accum", "gradient_checkpointing", "precision"),
+        "Schedule and cadence": ("epochs", "max_steps", "eval_every", "eval_batch_size", "metric",
+                                 "save_every", "keep_checkpoints", "log_every"),
+        "Distribution": ("device",),
+        "Output": ("out_dir", "resume", "force", "config", "dry_run", "measure", "json_flag", "quiet",
+                   "verbose"),
+    }
+)  # fmt: skip
 
 
 @handle_errors
 def train(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Local directory, Hugging Face model id, or .gguf file."),
+    model: ModelArgument,
     data: str = typer.Option(..., "--data", "-d", help="Training data: .jsonl, .csv, .parquet or .txt."),
-    task: Task | None = typer.Option(None, "--task", help=TASK_HELP + " Default: inferred from the rows."),
+    task: TrainTaskOption = None,
     rank: int = typer.Option(16, "--rank", "-r", help="Rank r: each target module trains r x r numbers."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Run directory (checkpoints, metrics, adapter)."),
-    method: Method = typer.Option("xs", "--method", help="xs: SVD of the weights. sb: LoRA-SB factors."),
+    method: MethodOption = "xs",
     alpha: float | None = typer.Option(
         None, "--alpha", callback=POSITIVE, help="Scaling s = alpha / r (default alpha = r)."
     ),
-    targets: str | None = typer.Option(None, "--targets", "-t", help=TARGETS_HELP),
+    targets: TargetsOption = None,
     eval_data: str | None = typer.Option(None, "--eval-data", help="Held-out data for periodic evaluation."),
     eval_split: float = typer.Option(
         0.0,
@@ -58,12 +79,8 @@ def train(
         callback=SHARE,
         help="Hold out this share of --data instead (stratified for seq-cls).",
     ),
-    max_length: int = typer.Option(
-        512, "--max-length", callback=AT_LEAST_ONE, help="Tokens per example (longer text is cut)."
-    ),
-    chat_loss: str = typer.Option(
-        "all", "--chat-loss", help="messages rows: loss on all assistant turns, or only the last."
-    ),
+    max_length: MaxLengthOption = 512,
+    chat_loss: ChatLossOption = "all",
     batch_size: int = typer.Option(
         8, "--batch-size", "-b", callback=AT_LEAST_ONE, help="Examples per micro-batch and process."
     ),
@@ -121,18 +138,14 @@ def train(
     precision: Precision = typer.Option(
         "auto", "--precision", help="Autocast: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."
     ),
-    dtype: WeightsDtype = typer.Option("auto", "--dtype", help="Base weights dtype: auto, fp32, bf16, fp16."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: GPU if any)."),
+    dtype: WeightsDtypeOption = "auto",
+    device: DeviceOption = None,
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing", help="Trade compute for memory."
     ),
-    svd: SvdBackend = typer.Option("torch", "--svd", help=f"If the factors must be computed: {SVD_HELP}"),
-    niter: int | None = typer.Option(
-        None, "--niter", callback=EVERY, help="SVD power iterations (default: 4; sklearn: 10)."
-    ),
-    oversample: int | None = typer.Option(
-        None, "--oversample", callback=EVERY, help="SVD extra random directions (default: 16; sklearn: 10)."
-    ),
+    svd: SvdOption = "torch",
+    niter: NiterOption = None,
+    oversample: OversampleOption = None,
     embed_factors: bool = typer.Option(
         False, "--embed-factors", help="Store A and B in the adapter (self-contained, larger)."
     ),
@@ -163,24 +176,22 @@ def train(
         callback=AT_LEAST_ONE,
         help="LoRA-SB: examples whose mean gradient sets the factors.",
     ),
-    sb_lr: float = typer.Option(
-        3e-4, "--sb-lr", callback=POSITIVE, help="LoRA-SB: eta of the approximated first AdamW step."
-    ),
+    sb_lr: SbLrOption = 3e-4,
     sb_official_eta: bool = typer.Option(
         False,
         "--sb-official-eta",
         help="LoRA-SB: eta = lr / (warmup_ratio * ceil(rows / sb_batch_size) * epochs) (official code).",
     ),
-    sb_step: SbStep = typer.Option("adam", "--sb-step", help=SB_STEP_HELP),
-    sb_grad_mode: SbGradMode = typer.Option("eval", "--sb-grad-mode", help=SB_GRAD_MODE_HELP),
-    sb_accum_dtype: SbAccumDtype = typer.Option("float32", "--sb-accum-dtype", help=SB_ACCUM_HELP),
+    sb_step: SbStepOption = "adam",
+    sb_grad_mode: SbGradModeOption = "eval",
+    sb_accum_dtype: SbAccumDtypeOption = "float32",
     sb_batch_size: int = typer.Option(
         8, "--sb-batch-size", callback=AT_LEAST_ONE, help="LoRA-SB: batch size of the gradient pass."
     ),
     max_grad_memory: str = typer.Option(
         "2GiB", "--max-grad-memory", help="LoRA-SB: budget for the gradient accumulators (e.g. 512MiB)."
     ),
-    config: str | None = config_option(),
+    config: ConfigOption = None,
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (cache hit/miss, steps, sizes, time estimate) and exit."
     ),
@@ -189,10 +200,12 @@ def train(
         "--measure/--no-measure",
         help="With --dry-run: time one training step on a real batch for the estimate (loads the weights).",
     ),
-    json_flag: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    json_flag: JsonOption = False,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = 0,
 ) -> None:
     """Train a LoRA-XS (or LoRA-SB) adapter; writes RUN_DIR/adapter."""
-    out = get_output(ctx, json_flag)
+    out = get_output(ctx)
     from ..train import TrainConfig
 
     settings = TrainConfig(
@@ -260,20 +273,10 @@ def train(
 
 
 def _parse_lr(value: str | None) -> float | str | None:
-    """--lr: a positive number, 'auto', or unset (the task's default)."""
+    """--lr (already checked by its callback, options.lr_or_auto): a number, 'auto', or unset."""
     if value is None or value.strip().lower() == "auto":
         return None if value is None else "auto"
-    import math
-
-    from ..errors import UsageError
-
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not (number > 0 and math.isfinite(number)):
-        raise UsageError(f"--lr must be a positive number or 'auto', not {value!r}")
-    return number
+    return float(value)
 
 
 def _resume_mode(resume: bool | None, force: bool) -> str:
@@ -320,43 +323,40 @@ class TrainDisplay:
 
 
 def _render_plan(out: Output, plan: dict) -> None:
-    def render() -> None:
-        out.out.print(styled("[bold]{}[/] -> {}", plan["model"], plan["out"]))
-        out.out.print(
-            f"  factors:    {plan['cache']} "
-            f"({plan['method']}, {plan['modules']} modules, rank {plan['rank']})"
-        )
-        out.out.print(
-            f"  trainable:  {plan['adapter_params']:,} adapter + {plan['head_params']:,} head parameters"
-        )
-        out.out.print(
-            f"  data:       {plan['train_examples']:,} training rows, {plan['eval_examples']:,} held out"
-        )
-        out.out.print(f"  schedule:   {plan['steps']:,} steps of {plan['examples_per_step']} examples")
-        out.out.print(f"  memory:     about {bytes_human(plan['weights_bytes'])} of base weights")
-        rates = f"R {plan['lr']}" if plan["lr"] == "auto" else f"R {plan['lr']:g}"
-        if plan.get("head_lr") is not None:
-            rates += f", head {plan['head_lr']:g}"
-        out.out.print(f"  lr:         {rates}, warmup {plan['warmup_ratio']:g} of the steps")
-        if "estimate" in plan:
-            out.out.print(
-                f"  time:       {plan['estimate']} of training ({plan['step_seconds']:.3g} s per step, "
-                f"measured on {plan['measured_on']}; evaluation not included)"
-            )
-        if plan.get("task_inferred"):
-            out.out.print(f"  task:       {plan['task']} (inferred from the rows)")
-        if plan.get("start") == "fresh":
-            removed = ", ".join(plan["replaces"][:6]) + (", ..." if len(plan["replaces"]) > 6 else "")
-            out.out.print(f"  resume:     no: --force removes the earlier run ({removed}), then a new run")
-        else:
-            out.out.print(f"  resume:     {plan['resume'] or 'no (new run)'}")
+    out.result({"dry_run": True, **plan}, _plan_view)
 
-    out.result({"dry_run": True, **plan}, render)
+
+def _plan_view(plan: dict) -> Fields:
+    rates = f"R {plan['lr']}" if plan["lr"] == "auto" else f"R {plan['lr']:g}"
+    if plan.get("head_lr") is not None:
+        rates += f", head {plan['head_lr']:g}"
+    if plan.get("start") == "fresh":
+        removed = ", ".join(plan["replaces"][:6]) + (", ..." if len(plan["replaces"]) > 6 else "")
+        resume = f"no: --force removes the earlier run ({removed}), then a new run"
+    else:
+        resume = plan["resume"] or "no (new run)"
+    rows = [
+        ("factors", f"{plan['cache']} ({plan['method']}, {plan['modules']} modules, rank {plan['rank']})"),
+        ("trainable", f"{plan['adapter_params']:,} adapter + {plan['head_params']:,} head parameters"),
+        ("data", f"{plan['train_examples']:,} training rows, {plan['eval_examples']:,} held out"),
+        ("schedule", f"{plan['steps']:,} steps of {plan['examples_per_step']} examples"),
+        ("memory", f"about {bytes_human(plan['weights_bytes'])} of base weights"),
+        ("lr", f"{rates}, warmup {plan['warmup_ratio']:g} of the steps"),
+        ("time", _time(plan)) if "estimate" in plan else None,
+        ("task", f"{plan['task']} (inferred from the rows)") if plan.get("task_inferred") else None,
+        ("resume", resume),
+    ]
+    return Fields(styled("[bold]{}[/] -> {}", plan["model"], plan["out"]), rows, width=12)
+
+
+def _time(plan: dict) -> str:
+    return (
+        f"{plan['estimate']} of training ({plan['step_seconds']:.3g} s per step, "
+        f"measured on {plan['measured_on']}; evaluation not included)"
+    )
 
 
 def _render_result(out: Output, result) -> None:
-    from rich.table import Table
-
     adapter_bytes = sum(p.stat().st_size for p in result.adapter_dir.iterdir() if p.is_file())
     doc = {
         "run_dir": str(result.run_dir),
@@ -377,21 +377,22 @@ def _render_result(out: Output, result) -> None:
         "lr_find": result.lr_find,
     }
 
-    def render() -> None:
-        table = Table(title=f"trained {result.steps} steps in {result.seconds:.0f} s", show_header=False)
-        table.add_row("adapter", f"{result.adapter_dir} ({bytes_human(adapter_bytes)})")
-        table.add_row("trainable", f"{result.adapter_params:,} in R + {result.head_params:,} in the head")
-        if result.lr_find:
-            table.add_row("--lr auto", f"R's lr {result.lr:.3g} (range test: {result.lr_find['rule']})")
-        if result.final_loss is not None:
-            table.add_row("last train loss", f"{result.final_loss:.4f}")
-        for key, value in (result.eval or {}).items():
-            if isinstance(value, float):
-                table.add_row(f"eval {key}", f"{value:.4f}")
-        if result.best:
-            table.add_row(
-                "best", f"{result.best['metric']} {result.best['value']:.4f} at step {result.best['step']}"
-            )
-        out.out.print(table)
+    out.result(doc, _result_view)
 
-    out.result(doc, render)
+
+def _result_view(doc: dict):
+    best, lr_find = doc["best_metric"], doc["lr_find"]
+    rows = [
+        ("adapter", f"{doc['adapter']} ({bytes_human(doc['adapter_bytes'])})"),
+        ("trainable", f"{doc['adapter_params']:,} in R + {doc['head_params']:,} in the head"),
+        ("--lr auto", f"R's lr {doc['lr']:.3g} (range test: {lr_find['rule']})") if lr_find else None,
+        ("last train loss", f"{doc['final_loss']:.4f}") if doc["final_loss"] is not None else None,
+        *(
+            (f"eval {key}", f"{value:.4f}")
+            for key, value in (doc["eval"] or {}).items()
+            if isinstance(value, float)
+        ),
+        ("best", f"{best['metric']} {best['value']:.4f} at step {best['step']}") if best else None,
+    ]
+    title = f"trained {doc['steps']} steps in {doc['seconds']:.0f} s"
+    return table(title, ["", ("", {"justify": "left"})], [row for row in rows if row], show_header=False)
