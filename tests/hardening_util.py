@@ -1,6 +1,9 @@
-"""Helpers for the hardening tests: the real CLI as a subprocess, file snapshots, hostile file systems.
+"""Helpers for the hardening tests: the CLI in process or as a subprocess, file snapshots, hostile file
+systems.
 
-Used by test_hardening.py (bad input), test_crash.py (SIGKILL, locks) and test_fuzz.py.
+Used by test_hardening.py (bad input), test_crash.py (SIGKILL, locks), test_robustness.py and test_fuzz.py.
+A subprocess costs seconds of torch import: start one only where the process is what is tested (signals,
+kills, RLIMIT, closed descriptors); run_inprocess gives the same Result for everything else.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from typer.testing import CliRunner
+
+from loraxs_cli.cli.app import app
 
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
@@ -61,6 +68,20 @@ def run_cli(
         stdin=subprocess.DEVNULL,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+def run_inprocess(args: Sequence, home: Path, *, env: dict | None = None) -> Result:
+    """run_cli's Result from CliRunner in this process: the same exit code, stdout and stderr.
+
+    An exception that escaped the command (a bug: the real process would print an internal error or a
+    traceback) is appended to stderr as its traceback, so "Traceback" checks see it."""
+    started = time.monotonic()
+    full_env = {"LORAXS_HOME": str(home), "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "LORAXS_DEBUG": None}
+    result = CliRunner().invoke(app, [str(a) for a in args], env={**full_env, **(env or {})})
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return Result(result.exit_code, result.stdout, stderr, time.monotonic() - started)
 
 
 def popen_cli(args: Sequence, home: Path, *, env: dict | None = None, **kwargs) -> subprocess.Popen:
@@ -119,13 +140,6 @@ def sha256_tree(*roots: Path) -> dict[str, str]:
 def changed_files(before: dict[str, str], after: dict[str, str]) -> list[str]:
     """Files of `before` that are gone or hold other bytes in `after` (new files are not counted)."""
     return sorted(path for path, digest in before.items() if after.get(path) != digest)
-
-
-def run_parallel(jobs: Iterable[tuple[str, Callable[[], Result]]], workers: int = 2) -> dict[str, Result]:
-    jobs = list(jobs)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {name: pool.submit(job) for name, job in jobs}
-        return {name: future.result() for name, future in futures.items()}
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.0005) -> bool:

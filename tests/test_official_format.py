@@ -52,7 +52,7 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_roberta_dir(tmp_path_factory, minilm_path) -> Path:
+def tiny_roberta_dir(tmp_path_factory) -> Path:
     """A 2-layer random RoBERTa saved as a masked LM (as roberta-large is: no classifier in it)."""
     from transformers import RobertaConfig, RobertaForMaskedLM
 
@@ -67,7 +67,7 @@ def tiny_roberta_dir(tmp_path_factory, minilm_path) -> Path:
         type_vocab_size=1,
         pad_token_id=0,
     )
-    return save_tiny(RobertaForMaskedLM(config), tmp_path_factory.mktemp("tiny-roberta"), minilm_path)
+    return save_tiny(RobertaForMaskedLM(config), tmp_path_factory.mktemp("tiny-roberta"), "wordpiece")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ pipes and file descriptors are the point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,12 +19,13 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from hardening_util import Watched, assert_one_line_error, cli_env, run_cli, sha256_tree, wait_for
+from hardening_util import Watched, assert_one_line_error, cli_env, run_inprocess, sha256_tree, wait_for
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -304,6 +306,7 @@ def previous_output(world, out: Path) -> dict[str, str]:
     return sha256_tree(out)
 
 
+@pytest.mark.xdist_group("process")  # the signal must land while the merge writes
 def test_ctrl_c_during_merge_keeps_the_previous_output(world, tmp_path):
     """A real SIGINT while the merged model is being written (and verified): exit 130, the earlier
     output byte for byte, no temporary left."""
@@ -350,6 +353,7 @@ SWALLOWED_CTRL_C = textwrap.dedent(
 )
 
 
+@pytest.mark.xdist_group("process")  # a real SIGINT to a real process
 def test_ctrl_c_swallowed_inside_a_library_still_stops_the_merge(world, tmp_path):
     """The root cause of "Ctrl-C ignored, output published, traceback, exit 0": Python raises the
     KeyboardInterrupt wherever the main thread is, and a finalizer (or a library's broad except)
@@ -399,9 +403,34 @@ def make_fifo(path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def released_if_blocked(fifos: list[Path], timeout: float = 60):
+    """In process there is no subprocess timeout: if the body still runs after `timeout` s (blocked opening
+    a FIFO), a writer opens each FIFO in turn, which lets a blocked reader go on, and the test fails."""
+    done, fired = threading.Event(), threading.Event()
+
+    def release() -> None:
+        if done.wait(timeout):
+            return
+        fired.set()
+        while not done.wait(0.2):
+            for fifo in fifos:
+                with contextlib.suppress(OSError):  # ENXIO: nobody is reading it
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    guard = threading.Thread(target=release, daemon=True)
+    guard.start()
+    try:
+        yield
+    finally:
+        done.set()
+        guard.join()
+    assert not fired.is_set(), f"a command blocked opening one of {fifos}"
+
+
 def test_fifos_are_refused_instead_of_blocking(world, tmp_path):
     """A FIFO where a weights file, a pack or the cache's factors file should be: one line, exit 3, at
-    once (a blocked open would hit the subprocess timeout)."""
+    once (a blocked open would hold the command until the guard's timeout)."""
     model = tmp_path / "fifo-model"
     model.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -417,11 +446,14 @@ def test_fifos_are_refused_instead_of_blocking(world, tmp_path):
         (["unpack", fifo_pack, "--list"], "is a FIFO"),
         (["merge", world["llama"], "--adapter", world["adapter"], "--out", tmp_path / "m"], "not a regular"),
     ]
+    fifos = [model / "model.safetensors", entry.file, fifo_pack]
     for args, message in cases:
-        result = run_cli(args, home, timeout=120)
+        with released_if_blocked(fifos):
+            result = run_inprocess(args, home)
         assert_one_line_error(result, 3)
         assert message in result.error_lines[0], result.describe()
-    verify = run_cli(["cache", "verify"], home, timeout=120)
+    with released_if_blocked(fifos):
+        verify = run_inprocess(["cache", "verify"], home)
     assert verify.returncode == 3 and "not a regular file" in verify.stdout, verify.describe()
 
 
@@ -490,8 +522,8 @@ def test_edited_cache_metadata_is_a_damaged_entry_for_every_command(world, tmp_p
 
 
 def test_cache_rm_during_train_embed_factors_does_not_fail_the_run(tiny_llama_dir, tmp_path, loraxs_home):
-    """`cache rm` (a real process) after train read its factors: the run still finishes and embeds
-    the factors it trained on, as they were in the cache."""
+    """`cache rm` after train read its factors: the run still finishes and embeds the factors it trained
+    on, as they were in the cache. (cache rm takes no lock: in process it removes the same files.)"""
     from loraxs_cli.adapter import load_adapter
     from loraxs_cli.train import TrainConfig, TrainEvents, train
 
@@ -504,7 +536,7 @@ def test_cache_rm_during_train_embed_factors_does_not_fail_the_run(tiny_llama_di
         (entry,) = FactorCache().entries()
         seen["factors"] = entry.load(4)
         seen["id"] = entry.id
-        removed = run_cli(["cache", "rm", entry.id, "-y"], loraxs_home, timeout=120)
+        removed = run_inprocess(["cache", "rm", entry.id, "-y"], loraxs_home)
         assert removed.returncode == 0, removed.describe()
 
     config = TrainConfig(
@@ -577,6 +609,7 @@ def test_temporaries_of_dead_writers_are_removed_by_the_next_write(at_home, tmp_
     assert sorted(p.name for p in work.iterdir() if p.name.startswith(".")) == [kept.name]
 
 
+@pytest.mark.xdist_group("process")  # the kill must land while the merge writes
 def test_a_killed_merge_leaves_nothing_once_the_next_one_ran(world, tmp_path):
     out = tmp_path / "merged"
     for _ in range(6):
@@ -590,7 +623,8 @@ def test_a_killed_merge_leaves_nothing_once_the_next_one_ran(world, tmp_path):
     else:
         pytest.fail("the merge always ended before the kill")
     assert temps(tmp_path, ".merged.tmp-"), "the kill left its temporary (the case under test)"
-    again = run_cli(merge_args(world, tmp_path / "other"), world["home"])
+    # the kill is what needed a process; the next merge that cleans up after it need not be one
+    again = run_inprocess(merge_args(world, tmp_path / "other"), world["home"])
     assert again.returncode == 0, again.describe()
     assert temps(tmp_path, ".merged.") == [] and not out.exists()
 
