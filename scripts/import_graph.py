@@ -64,9 +64,9 @@ def collect(modules: dict[str, Path]) -> tuple[dict[str, dict[str, str]], dict[s
             for target in targets:
                 while target and target not in modules:
                     target = target.rpartition(".")[0]
-                if target and target != name and target.startswith(PACKAGE):
-                    if edges[name].get(target) != "top":
-                        edges[name][target] = kind
+                internal = target and target != name and target.startswith(PACKAGE)
+                if internal and edges[name].get(target) != "top":
+                    edges[name][target] = kind
     return edges, lines, functions, nested
 
 
@@ -145,7 +145,8 @@ def main() -> None:
     for group in doc["cycles"]:
         print("  " + " <-> ".join(map(short, group)))
     print(
-        f"package-internal imports inside functions: {doc['lazy_imports']} ({doc['lazy_imports_in_core']} in core)"
+        f"package-internal imports inside functions: {doc['lazy_imports']} "
+        f"({doc['lazy_imports_in_core']} in core)"
     )
     print(
         f"imports of any library inside functions, core (not cli/): {doc['imports_inside_functions_in_core']}"

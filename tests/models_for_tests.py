@@ -157,7 +157,7 @@ four five six seven eight nine ten hundred thousand million number answer questi
 You are a helpful AI assistant named SmolLM, trained by Hugging Face. How many are left? How many now?
 Tom Anna Ravi Mia Lena Omar Kai Sara has gets more gives away apples books coins stamps marbles pencils shells
 cards plus minus equals 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 + - =
-"""
+"""  # noqa: E501 - the corpus's lines are training text: breaking one would change the tokenizer
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
