@@ -32,7 +32,7 @@ import shutil
 import signal
 import stat
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
@@ -64,33 +64,65 @@ def raise_if_interrupted() -> None:
 
 
 @contextmanager
-def interrupt_guard() -> Iterator[None]:
-    """For the duration, SIGINT sets the interrupt flag, then raises KeyboardInterrupt as usual.
-
-    Installed by the CLI around every command. A SIGINT the process inherited as ignored stays
-    ignored (as Python itself does), and outside the main thread nothing is installed. The flag is
-    cleared when the block ends: a program that goes on (a test session) starts clean."""
-    _SIGINT_SEEN.clear()
+def _handling(signum: int, handler: Callable, restore) -> Iterator[None]:
+    """`handler` for `signum` for the duration, then `restore` (the previous handler when it is None). A
+    signal the process inherited as ignored stays ignored (as Python itself does for SIGINT), and outside
+    the main thread, where Python allows no handlers, nothing is installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(signum)
     if previous is signal.SIG_IGN:
         yield
         return
-
-    def on_sigint(signum, frame) -> None:
-        _SIGINT_SEEN.set()
-        if callable(previous) and previous is not signal.default_int_handler:
-            previous(signum, frame)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signum, handler(previous))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        signal.signal(signum, previous if previous is not None else restore)
+
+
+@contextmanager
+def interrupt_guard() -> Iterator[None]:
+    """For the duration, SIGINT sets the interrupt flag, then raises KeyboardInterrupt as usual.
+
+    Installed by the CLI around every command. The flag is cleared when the block ends: a program that
+    goes on (a test session) starts clean."""
+
+    def on_sigint(previous):
+        def handle(signum, frame) -> None:
+            _SIGINT_SEEN.set()
+            if callable(previous) and previous is not signal.default_int_handler:
+                previous(signum, frame)
+            raise KeyboardInterrupt
+
+        return handle
+
+    _SIGINT_SEEN.clear()
+    try:
+        with _handling(signal.SIGINT, on_sigint, signal.default_int_handler):
+            yield
+    finally:
         _SIGINT_SEEN.clear()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """For the duration (train), SIGTERM (a scheduler's preemption, `kill`) is handled like Ctrl-C: the
+    SIGINT handler runs (interrupt_guard's sets the flag), and KeyboardInterrupt stops the loop, which
+    writes its checkpoint."""
+
+    def on_sigterm(previous):
+        def handle(signum, frame) -> None:
+            sigint = signal.getsignal(signal.SIGINT)
+            if callable(sigint):
+                sigint(signal.SIGINT, frame)
+            raise KeyboardInterrupt
+
+        return handle
+
+    with _handling(signal.SIGTERM, on_sigterm, signal.SIG_DFL):
+        yield
 
 
 # ----------------------------------------------------------------------------------------------

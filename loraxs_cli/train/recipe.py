@@ -14,11 +14,9 @@ with the same global batch. Ctrl-C and SIGTERM write a checkpoint, then stop (ex
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from ..adapter import new_config, save_adapter
 from ..checkpoint import rng_state, set_rng_state
 from ..errors import BadInputError, DivergedError, UsageError
 from ..evaluate import evaluate_examples
-from ..fsutil import check_output
+from ..fsutil import check_output, sigterm_as_interrupt
 from ..layer import xs_modules
 from ..lr_finder import LRFindSettings, lr_range_test
 from ..methods import get_method
@@ -131,33 +129,6 @@ def open_run_dir(run: RunDir, config: TrainConfig, dist: Dist, held: ExitStack) 
             run.remove(start.replaces)
         dist.barrier()
     return start.found
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While training, SIGTERM (a scheduler's preemption, `kill`) is handled like Ctrl-C: the SIGINT
-    handler runs (the CLI's sets fsutil's interrupt flag), KeyboardInterrupt stops the loop, which
-    writes its checkpoint. A SIGTERM ignored by the parent stays ignored; off the main thread nothing
-    is installed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_IGN:
-        yield
-        return
-
-    def on_sigterm(signum, frame) -> None:
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler):
-            handler(signal.SIGINT, frame)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------------------------
