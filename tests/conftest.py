@@ -140,18 +140,22 @@ def in_real_home(real_home, monkeypatch) -> Path:
     return real_home
 
 
+def _bbc_files(root: Path, per_topic: int, held_out: int, row=lambda r: r) -> tuple[str, str]:
+    """A seeded stratified BBC split (scripts/bbc_data.py) as train.jsonl and test.jsonl under `root`."""
+    from models_for_tests import bbc_split
+
+    files = []
+    for name, rows in zip(("train", "test"), bbc_split(per_topic, held_out), strict=True):
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row(r)) + "\n" for r in rows))
+        files.append(str(path))
+    return files[0], files[1]
+
+
 @pytest.fixture(scope="session")
 def bbc_text(tmp_path_factory) -> tuple[str, str]:
     """BBC articles as plain text: 16 per topic to train on, 4 per topic held out."""
-    from models_for_tests import bbc_split
-
-    root = tmp_path_factory.mktemp("bbc-text")
-    files = []
-    for name, rows in zip(("train", "test"), bbc_split(16, 4), strict=True):
-        path = root / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
-        files.append(str(path))
-    return files[0], files[1]
+    return _bbc_files(tmp_path_factory.mktemp("bbc-text"), 16, 4, row=lambda r: {"text": r["text"]})
 
 
 @pytest.fixture(scope="session")
@@ -178,15 +182,7 @@ def smollm2_text_xs(smollm2_path, bbc_text, real_home, tmp_path_factory) -> dict
 @pytest.fixture(scope="session")
 def bbc_topics(tmp_path_factory) -> tuple[str, str]:
     """BBC News, 5 topics: 40 articles per topic to train on, 20 held out."""
-    from models_for_tests import bbc_split
-
-    root = tmp_path_factory.mktemp("bbc-topics")
-    files = []
-    for name, rows in zip(("train", "test"), bbc_split(40, 20), strict=True):
-        path = root / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        files.append(str(path))
-    return files[0], files[1]
+    return _bbc_files(tmp_path_factory.mktemp("bbc-topics"), 40, 20)
 
 
 @pytest.fixture(scope="session")
