@@ -8,7 +8,7 @@ run and every device.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -210,11 +210,25 @@ def compute_xs_factors(
 ) -> FactorResult:
     """LoRA-XS factors for each named module of `backbone`, one weight on the device at a time."""
     modules = dict(backbone.named_modules())
+    weights = ((name, weight_matrix(modules[name]).detach()) for name in names)
+    return xs_factors_of(weights, rank, settings, device=device, on_module=on_module)
+
+
+def xs_factors_of(
+    weights: Iterable[tuple[str, torch.Tensor]],
+    rank: int,
+    settings: SVDSettings,
+    *,
+    device: str | torch.device | None = None,
+    on_module: Callable[[str], None] | None = None,
+) -> FactorResult:
+    """LoRA-XS factors of (name, W (out, in)) pairs, one weight on the device at a time: the one loop
+    behind a loaded model (compute_xs_factors) and a checkpoint read weight by weight (weights.py)."""
     tensors: dict[str, torch.Tensor] = {}
     stats: dict[str, dict] = {}
-    for name in names:
-        weight = weight_matrix(modules[name]).detach()
+    for name, weight in weights:
         work = weight.to(device=device or weight.device, dtype=torch.float32)
+        del weight  # a streamed weight's stored copy goes now (a loaded model's stays in the model)
         b, a, s = xs_factor_pair(work, rank, settings, name)
         total = work.square().sum()
         tensors[f"{name}.B"] = b.contiguous().cpu()

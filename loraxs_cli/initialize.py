@@ -9,22 +9,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .cache import FactorCache, FactorEntry, Recipe, get_or_compute
 from .devices import check_device
+from .errors import BadInputError, UsageError
+from .estimate import Preset, find_preset
 from .factors import SVDSettings, check_rank
 from .fingerprint import base_record, fingerprint
 from .methods import METHOD_NAMES, XS, Compute, get_method
 from .methods.sb import OfficialEta, SBInit, parse_bytes, sb_request  # noqa: F401 - re-exported (train, tests)
 from .models import (
+    ALL_LINEAR,
     LinearInfo,
     ResolvedModel,
     linear_modules,
     load_config,
     match_targets,
     parse_dtype,
+    parse_targets,
     resolve_model,
     skeleton,
 )
@@ -50,12 +55,14 @@ class BaseInfo:
     """A resolved base model, its identity and its linear modules, from the config alone."""
 
     resolved: ResolvedModel
-    fingerprint: str
+    fingerprint: str | None  # None: a preset
     config: object
     model_type: str
     modules: dict[str, LinearInfo]
     weights_dtype: torch.dtype
     total_params: int
+    stored_dtype: torch.dtype | None = None  # the checkpoint's own dtype (GGUF: float32, dequantized)
+    preset: str | None = None  # a built-in preset's name (estimate.PRESETS): shapes only, no weights
 
     @property
     def slug(self) -> str:
@@ -84,11 +91,14 @@ class FactorPlan:
         return sum(m * n * item for m, n in self.base.shapes(self.targets).values())
 
 
-def describe_base(spec: str, revision: str | None = None, dtype: str | None = None) -> BaseInfo:
+def describe_base(
+    spec: str | ResolvedModel, revision: str | None = None, dtype: str | None = None
+) -> BaseInfo:
     """Resolve, fingerprint and enumerate a base model without reading its weights into memory."""
-    resolved = resolve_model(spec, revision)
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec, revision)
     config = load_config(resolved)
     meta_model = skeleton(config)
+    stored_dtype = torch.float32 if resolved.gguf_file else _checkpoint_dtype(config)
     weights_dtype = parse_dtype(dtype) or _checkpoint_dtype(config)
     return BaseInfo(
         resolved,
@@ -98,6 +108,7 @@ def describe_base(spec: str, revision: str | None = None, dtype: str | None = No
         linear_modules(meta_model),
         weights_dtype,
         total_params=sum(p.numel() for p in meta_model.parameters()),
+        stored_dtype=stored_dtype,
     )
 
 
@@ -110,10 +121,28 @@ def _checkpoint_dtype(config) -> torch.dtype:
     return torch.float32
 
 
-def plan_factors(request: FactorRequest, cache: FactorCache | None = None) -> FactorPlan:
+def plan_factors(
+    request: FactorRequest, cache: FactorCache | None = None, *, allow_preset: bool = False
+) -> FactorPlan:
+    """The plan of a request. A MODEL that resolves to no model but names a built-in preset
+    (estimate.PRESETS) plans from the preset's shapes with `allow_preset` (`init --dry-run`) and is
+    refused without (there are no weights to compute factors of)."""
     get_method(request.method)  # an unknown method is refused before any work
     check_device(request.device)
-    base = describe_base(request.model, request.revision, request.dtype)
+    try:
+        resolved = resolve_model(request.model, request.revision)
+    except BadInputError:
+        preset = preset_named(request.model)
+        if preset is None:
+            raise
+        if not allow_preset:
+            raise UsageError(
+                f"{request.model} is a built-in preset ({preset.name}: shapes only, no weights); "
+                f"`loraxs init {request.model} --dry-run` plans it, computing factors needs the model "
+                "itself (a directory, a .gguf file or a Hugging Face id)"
+            ) from None
+        return _preset_plan(request, preset)
+    base = describe_base(resolved, request.revision, request.dtype)
     targets = match_targets(base.modules, request.targets, base.model_type)
     check_rank(request.rank, base.shapes(targets))
     recipe = Recipe(
@@ -126,6 +155,46 @@ def plan_factors(request: FactorRequest, cache: FactorCache | None = None) -> Fa
     cache = cache or FactorCache()
     entry = cache.find(base.slug, base.fingerprint, recipe, request.rank)
     return FactorPlan(request, base, targets, recipe, entry)
+
+
+def preset_named(spec: str) -> Preset | None:
+    """The built-in preset a MODEL names (None for an existing path, as `inspect` decides)."""
+    return None if Path(spec).expanduser().exists() else find_preset(spec)
+
+
+# A preset records no dtype: the papers' decoders are published in bfloat16, RoBERTa in float32.
+PRESET_DTYPE = torch.bfloat16
+PRESET_DTYPES = {"RoBERTa-base": torch.float32, "RoBERTa-large": torch.float32}
+
+
+def _preset_plan(request: FactorRequest, preset: Preset) -> FactorPlan:
+    """A dry-run plan from a preset's shape table: no files, no fingerprint, no cache entry."""
+    names = parse_targets(list(request.targets)) if request.targets else None
+    shapes = preset.shapes(names)
+    every = preset.shapes([ALL_LINEAR])
+    modules = {s.name: LinearInfo(s.name, s.out_features, s.in_features, False) for s in every}
+    dtype = parse_dtype(request.dtype) or PRESET_DTYPES.get(preset.name, PRESET_DTYPE)
+    base = BaseInfo(
+        resolved=ResolvedModel(request.model, "preset", Path(preset.name)),
+        fingerprint=None,
+        config=None,
+        model_type="preset",
+        modules=modules,
+        weights_dtype=dtype,
+        total_params=preset.total_params,
+        stored_dtype=dtype,
+        preset=preset.name,
+    )
+    targets = [s.name for s in shapes]
+    check_rank(request.rank, base.shapes(targets))
+    recipe = Recipe(
+        method=request.method,
+        modules=tuple(targets),
+        svd=request.svd.as_dict(),
+        weights_dtype=str(dtype).removeprefix("torch."),
+        extra=request.extra,
+    )
+    return FactorPlan(request, base, targets, recipe, None)
 
 
 def ensure_factors(

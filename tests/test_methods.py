@@ -201,7 +201,8 @@ def test_sb_factors_are_the_svd_of_the_first_adamw_step(tiny_llama_dir, tmp_path
         )
     bf16 = grad_plan(shapes, {"accum_dtype": "bfloat16"}, 2 << 30)
     assert bf16["accumulator_bytes"] == sum(2 * m * n for m, n in shapes.values())
-    assert XS.plan_fields(plan, None) == {}
+    xs = XS.plan_fields(plan, None)  # the streamed compute's planned peak (tests/test_stream_init.py)
+    assert set(xs) == {"planned_peak_bytes", "streamed", "largest_target"} and xs["streamed"] is True
 
 
 # ----------------------------------------------------------------------------- how each says so
@@ -235,7 +236,11 @@ def test_words_are_the_same_as_before():
     assert ("loraxs", *SB.adapter_tags) == ("loraxs", "lora-xs", "lora-sb")
     assert (XS.card_tag, SB.card_tag) == ("lora-xs", "lora-sb")
     doc = {"base_dtype": "float32", "sb": {"samples": 6}, "accumulator_bytes": 2048, "gradient_passes": 2}
-    assert XS.memory_text(doc) == "base weights in float32 + one weight in float32 at a time"
+    xs_doc = {**doc, "planned_peak_bytes": 3 << 20, "streamed": True, "largest_target": [128, 64]}
+    assert XS.memory_text(xs_doc) == (
+        "~3.0 MiB peak beyond the libraries: one weight at a time from the checkpoint (largest 128 x 64), "
+        "the next one read ahead"
+    )
     assert SB.memory_text(doc) == (
         "a training step + 2.0 KiB of float32 gradient accumulators (2 pass(es) over 6 samples)"
     )

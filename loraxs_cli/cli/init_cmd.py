@@ -115,7 +115,7 @@ def init(
     else:
         request, compute = chosen.prepare(request)
     out.detail(f"resolving {model}")
-    plan = plan_factors(request)
+    plan = plan_factors(request, allow_preset=dry_run)  # a preset name plans from its shapes
     if dry_run:
         _render_plan(out, plan, parse_bytes(max_grad_memory) if chosen.needs_data else None)
         return
@@ -164,17 +164,19 @@ def _render_plan(out: Output, plan, grad_budget: int | None) -> None:
         "method": plan.request.method,
         "rank": plan.request.rank,
         "modules": len(plan.targets),
-        "cache": "hit" if plan.entry else "miss",
+        "cache": "none" if base.preset else "hit" if plan.entry else "miss",
         "entry": plan.entry.id if plan.entry else None,
+        "preset": base.preset,
         "factor_bytes": plan.factor_bytes,
         "target_weight_bytes": plan.target_weight_bytes,
         "base_params": base.total_params,
         "base_dtype": str(base.weights_dtype).removeprefix("torch."),
     }
-    if grad_budget is not None:  # LoRA-SB: its recipe fields and gradient-pass arithmetic (methods/sb.py)
-        from ..methods import get_method
+    from ..methods import get_method
 
-        doc.update(get_method(plan.request.method).plan_fields(plan, grad_budget))
+    # The method's own fields: LoRA-XS's planned peak memory; LoRA-SB's recipe fields and gradient-pass
+    # arithmetic (methods/sb.py)
+    doc.update(get_method(plan.request.method).plan_fields(plan, grad_budget))
 
     out.result(doc, _plan_view)
 
@@ -209,6 +211,8 @@ def _render_entry(out: Output, plan, entry, hit: bool) -> None:
 
 def _plan_view(doc: dict) -> Fields:
     hit = f"hit ({doc['entry']})" if doc["cache"] == "hit" else "miss: factors would be computed"
+    if doc.get("preset"):
+        hit = f"none: {doc['preset']} is a built-in preset (shapes only; init needs the model's weights)"
     from ..methods import get_method
 
     memory = get_method(doc["method"]).memory_text(doc)
