@@ -417,6 +417,12 @@ _METRIC_NOTES = {
 }
 
 
+def trained_quantized(config: AdapterConfig) -> str | None:
+    """The quantization of the base the adapter was trained on (`train --quantize`: int8, nf4), or None.
+    Its factors are the full-precision base's either way."""
+    return (config.extra.get("training") or {}).get("quantized")
+
+
 def default_card(config: AdapterConfig) -> str:
     base, local = card_base_name(config.base)
     params = config.rank * config.rank * len(config.modules)
@@ -437,6 +443,11 @@ def default_card(config: AdapterConfig) -> str:
     ]
     if config.extra.get("data"):
         lines.append(f"- training data: {_describe_data(config.extra['data'])}")
+    if trained_quantized(config):
+        lines.append(
+            f"- trained on the base quantized to {trained_quantized(config)} (`--quantize`); the factors are "
+            "the full-precision base's, so the adapter also runs on (and merges into) the full-precision base"
+        )
     if metrics:
         lines += ["", "## Metrics", ""]
         for key, value in metrics.items():

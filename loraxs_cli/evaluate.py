@@ -27,6 +27,7 @@ from .layer import remove
 from .models import backbone, evaluating, head_kwargs, load_model, load_tokenizer
 from .multi import group_by_factors, load_multi
 from .objective import loss_sum, model_inputs
+from .quantize import require_backend
 from .sources import check_bases, load_adapters
 from .tasks import check_architecture, resolve_task
 
@@ -194,9 +195,12 @@ class EvalRequest:
     device: str | None = None
     dtype: str = "auto"
     seed: int = 0
+    quantize: str | None = None  # int8 | nf4: the base's linear layers quantized (quantize.py)
 
     def __post_init__(self) -> None:
         """Refuse a request no evaluation can run (a usage error, before anything is read)."""
+        if self.quantize is not None:  # an unknown kind, or bitsandbytes missing
+            require_backend(self.quantize)
         counts = {"--batch-size": self.batch_size, "--max-length": self.max_length,
                   "--max-new-tokens": self.max_new_tokens, "--limit": self.limit}  # fmt: skip
         for flag, value in counts.items():
@@ -225,7 +229,8 @@ def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
     tokenizer = load_tokenizer(base.resolved)
     device = parse_device(request.device)
     torch.manual_seed(request.seed)  # the untrained head of a base-model classification run
-    model = load_model(base.resolved, dtype=request.dtype, **head_kwargs(task, labels)).to(device)
+    kwargs = head_kwargs(task, labels)
+    model = load_model(base.resolved, dtype=request.dtype, device=device, quantize=request.quantize, **kwargs)
     if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     measure = _generation_measure(request, rows, tokenizer) if request.generate else None

@@ -21,6 +21,7 @@ from .errors import BadInputError, IncompatibleError, UsageError
 from .initialize import describe_base
 from .models import evaluating, load_model, load_tokenizer
 from .multi import group_by_factors, load_multi
+from .quantize import require_backend
 from .sources import RUN_ADAPTER_DIRS, check_bases, default_name, input_paths, load_adapters
 
 __all__ = ["RUN_ADAPTER_DIRS", "GenerateRequest", "default_name", "generate_batched", "run_generate"]
@@ -38,9 +39,12 @@ class GenerateRequest:
     seed: int = 0
     device: str | None = None
     dtype: str = "auto"
+    quantize: str | None = None  # int8 | nf4: the base's linear layers quantized (quantize.py)
 
     def __post_init__(self) -> None:
         """Refuse a request no generation can run (a usage error, before anything is read)."""
+        if self.quantize is not None:  # an unknown kind, or bitsandbytes missing
+            require_backend(self.quantize)
         for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--batch-size", self.batch_size)):
             if value <= 0:
                 raise UsageError(f"{flag} must be positive, got {value}")
@@ -156,7 +160,9 @@ def run_generate(
     if on_start:
         on_start(len(prompts))
     device = parse_device(request.device)
-    model = load_model(base.resolved, head="causal-lm", dtype=request.dtype).to(device)
+    model = load_model(
+        base.resolved, head="causal-lm", dtype=request.dtype, device=device, quantize=request.quantize
+    )
     torch.manual_seed(request.seed)
     groups = group_by_factors(adapters) or [[]]
     for number, group in enumerate(groups):

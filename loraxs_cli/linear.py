@@ -7,9 +7,18 @@ GPT-2's Conv1D stores W^T (in, out). `weight_matrix` hides the difference (a vie
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["delta_weight", "is_conv1d", "is_linear", "merge_delta", "weight_matrix", "weight_shape"]
+__all__ = [
+    "compute_dtype",
+    "delta_weight",
+    "is_conv1d",
+    "is_linear",
+    "merge_delta",
+    "weight_matrix",
+    "weight_shape",
+]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -29,9 +38,28 @@ def weight_matrix(module: nn.Module) -> Tensor:
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or Conv1D."""
+    """(out_features, in_features) of a Linear or Conv1D, from the sizes the layer declares: a quantized
+    layer's weight has another shape (bitsandbytes packs a 4-bit one into (out * in / 2, 1) bytes)."""
+    if is_conv1d(module):  # Conv1D(nf, nx): weight (nx, nf)
+        return int(module.nf), int(getattr(module, "nx", module.weight.shape[0]))
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return int(module.out_features), int(module.in_features)
     m, n = weight_matrix(module).shape
     return int(m), int(n)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in, which the adapter's A and B take: its weight's when that is floating
+    point; for a quantized weight (int8, packed 4-bit) the layer's `compute_dtype` (bitsandbytes'
+    Linear4bit; quantize.py sets it on the 8-bit layers), else its bias's, else float32."""
+    weight = module.weight
+    if weight.dtype.is_floating_point:
+        return weight.dtype
+    declared = getattr(module, "compute_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    bias = getattr(module, "bias", None)
+    return bias.dtype if bias is not None and bias.dtype.is_floating_point else torch.float32
 
 
 def delta_weight(A: Tensor, B: Tensor, R: Tensor, scaling: float) -> Tensor:

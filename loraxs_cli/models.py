@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import BadInputError
 from .linear import is_conv1d, is_linear, weight_matrix, weight_shape  # noqa: F401 - re-exported: the layer primitives' home is linear.py
+from .quantize import quantize_linears
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 # What a model needs besides its weights; everything else in a hub repo is skipped.
@@ -279,10 +280,14 @@ def load_model(
     *,
     head: str = "base",
     dtype: str | torch.dtype | None = None,
-    device: str | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
     **kwargs,
 ) -> nn.Module:
     """Load the base model with the requested head ("base", "causal-lm", "seq-cls").
+
+    `quantize` ("int8", "nf4"): the backbone's linear layers become bitsandbytes layers, quantized on
+    `device` from the weights as loaded (quantize.py); the head and the embeddings stay as loaded.
 
     GGUF checkpoints are dequantized by transformers; we rebuild a plain model from them so the
     result is not flagged as quantized (which would refuse training and saving).
@@ -317,6 +322,8 @@ def load_model(
         raise BadInputError(f"{resolved.spec}: cannot load the model ({error})".splitlines()[0]) from error
     if resolved.gguf_file:
         model = _dequantized_copy(model, classes[head], torch_dtype)
+    if quantize:
+        quantize_linears(backbone(model), quantize, device=device)
     if device:
         model.to(device)
     model.eval()

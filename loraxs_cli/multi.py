@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .adapter import adapter_factors
 from .errors import BadInputError, IncompatibleError
-from .linear import is_conv1d, is_linear, weight_shape
+from .linear import compute_dtype, is_conv1d, is_linear, weight_shape
 from .models import backbone
 
 __all__ = [
@@ -67,8 +67,11 @@ class MultiXSLinear(nn.Module):
                 f"factors do not fit a ({m}, {n}) layer: A {tuple(A.shape)}, B {tuple(B.shape)}, "
                 f"R {tuple(R.shape)}; recompute the factors for this base"
             )
+        # A quantized base (quantize.py: an int8 or packed 4-bit weight) cannot be fused with A, and A
+        # and B take its compute dtype, not the weight's.
+        fused = fused and weight.dtype.is_floating_point
         self.base, self.rows, self.fused, self.m, self.r = base, rows, fused, m, r
-        like = {"device": weight.device, "dtype": weight.dtype}
+        like = {"device": weight.device, "dtype": compute_dtype(base)}
         self.register_buffer("A", A.detach().to(**like).contiguous(), persistent=False)
         self.register_buffer("B", B.detach().to(**like).contiguous(), persistent=False)
         zero = torch.zeros((1, r, r), dtype=torch.float32, device=weight.device)

@@ -11,7 +11,10 @@ at W + rank_r(dW) while W itself is unchanged.
 
 Memory: gradients of the targets are folded into float32 accumulators by post-accumulate hooks and
 freed at once, so no target ever holds a `.grad`; when all accumulators would exceed the budget,
-targets are processed in groups, with one pass over the sample per group.
+targets are processed in groups, with one pass over the sample per group. On a base sharded with FSDP2
+(`train --distributed fsdp`) the accumulators are shards of the weights' own layout, FSDP reduces each
+backward's gradient across the processes itself, and each weight's mean gradient is gathered whole
+only for its SVD, one weight at a time.
 
 The official LoRA-SB code (utils/gradient_utils.py, estimate_and_process_grads_torch) differs in three
 ways that each have a recorded setting here: it runs the pass in train mode (dropout on), sums the
@@ -20,6 +23,7 @@ gradients in the weights' dtype (bfloat16 for its LLMs), and takes the sign step
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,6 +105,7 @@ def average_gradients(
     mode: str = "eval",
     accum_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    passes: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yields, group by group, the mean gradient of the loss w.r.t. each target weight (float32, (out, in)).
 
@@ -113,6 +118,11 @@ def average_gradients(
     code does. In train mode every group's pass starts from the same seeded RNG state (the global RNG
     is restored afterwards), so every pass draws the same dropout masks and grouping changes nothing.
     `accum_dtype` is the dtype of the running sums (bfloat16: the official code's, on a bf16 model).
+
+    Target weights sharded by FSDP2 (DTensors): the yielded gradients are DTensors of the same sharding
+    (`sb_factors` gathers them one at a time), FSDP averages each backward's gradient across processes,
+    and `all_reduce` sums only the batch count. Every process must then run the same number of passes:
+    `passes`; one whose batches run out repeats its last batch with a zero loss weight, uncounted.
     """
     if mode not in GRAD_MODES:
         raise BadInputError(f"unknown --sb-grad-mode {mode!r}: use {' or '.join(GRAD_MODES)}")
@@ -130,9 +140,14 @@ def average_gradients(
     try:
         for group_index, group in enumerate(groups):
             with _seeded_rng(model, seed, enabled=mode == "train"):
-                group_gradients = _group_gradients(
-                    model, modules, group, batches, all_reduce, on_batch, group_index, accum_dtype
-                )
+                if _is_sharded(modules[group[0]].weight):
+                    group_gradients = _sharded_group_gradients(
+                        model, modules, group, batches, all_reduce, on_batch, group_index, accum_dtype, passes
+                    )
+                else:
+                    group_gradients = _group_gradients(
+                        model, modules, group, batches, all_reduce, on_batch, group_index, accum_dtype
+                    )
             yield group_gradients
     finally:
         model.train(was_training)
@@ -199,6 +214,62 @@ def _group_gradients(model, modules, group, batches, all_reduce, on_batch, group
     return out
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """An FSDP2 shard (a DTensor). torch.distributed.tensor is not imported here (a second of start-up
+    for every run): while nothing has loaded it, no tensor can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _sharded_group_gradients(
+    model, modules, group, batches, all_reduce, on_batch, group_index, accum_dtype, passes
+):
+    """`_group_gradients` for weights sharded by FSDP2. FSDP reduce-scatters each backward's gradient
+    (the mean over processes) into the sharded `.grad`, which is folded into a sharded accumulator after
+    the backward (post-accumulate hooks do not fire on FSDP's sharded parameters) and freed; the sum
+    over passes is then `world / count` times the mean over all processes' batches."""
+    sums = {name: torch.zeros_like(modules[name].weight, dtype=accum_dtype) for name in group}
+    for name in group:
+        modules[name].weight.requires_grad_(True)
+    count, runs, last = 0, 0, None
+
+    def backward(batch: dict, weight: float) -> None:
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise DivergedError("LoRA-SB init: the loss on the sample is not finite; check the data")
+        (loss if weight == 1.0 else loss * weight).backward()
+        for name in group:
+            param = modules[name].weight
+            if param.grad is not None:
+                sums[name].add_(param.grad.to(accum_dtype))
+                param.grad = None
+
+    try:
+        for batch in batches():
+            backward(batch, 1.0)
+            count, runs, last = count + 1, runs + 1, batch
+            if on_batch:
+                on_batch(group_index, count)
+        while last is not None and passes is not None and runs < passes:
+            backward(last, 0.0)  # the others are still in their passes: take part, add nothing
+            runs += 1
+    finally:
+        for name in group:
+            modules[name].weight.requires_grad_(False)
+            modules[name].weight.grad = None
+    total = torch.tensor(float(count), dtype=torch.float64, device=next(iter(sums.values())).device)
+    if all_reduce is not None:
+        all_reduce(total)
+    if total.item() == 0:
+        raise BadInputError("LoRA-SB init: the gradient sample is empty")
+    out = {}
+    for name in group:
+        world = sums[name].device_mesh.size()
+        gradient = sums.pop(name).float().mul_(world / total.item())
+        out[name] = gradient.t().contiguous() if is_conv1d(modules[name]) else gradient
+    return out
+
+
 def first_adamw_step(
     gradient: torch.Tensor, weight: torch.Tensor | None, settings: SBSettings
 ) -> torch.Tensor:
@@ -230,7 +301,11 @@ def sb_factors(
     for group in gradient_groups:
         for name in list(group):
             gradient = group.pop(name)
+            if _is_sharded(gradient):  # FSDP2: this one weight's gradient, gathered whole for its SVD
+                gradient = gradient.full_tensor()
             weight = weight_matrix(modules[name]).detach()
+            if settings.weight_decay and _is_sharded(weight):
+                weight = weight.full_tensor()
             delta = first_adamw_step(gradient, weight if settings.weight_decay else None, settings)
             del gradient
             _store(tensors, stats, name, delta, rank, svd)

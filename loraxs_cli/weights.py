@@ -240,8 +240,11 @@ def _open_safetensors(resolved: ResolvedModel, meta_model, targets, dtypes) -> S
         weight_map = loads_json(index.read_text())["weight_map"]
         key_file = {key: resolved.path / shard for key, shard in weight_map.items()}
     else:
-        with safe_open(str(shards[0]), framework="pt") as handle:
-            key_file = dict.fromkeys(handle.keys(), shards[0])
+        try:
+            with safe_open(str(shards[0]), framework="pt") as handle:
+                key_file = dict.fromkeys(handle.keys(), shards[0])
+        except SafetensorError as error:  # a damaged header: one line, exit 3, as when loading
+            raise BadInputError(f"{resolved.spec}: damaged weights file ({error})".splitlines()[0]) from None
     prefix = getattr(meta_model, "base_model_prefix", "") or ""
     keys: dict[str, str] = {}
     for name in targets:

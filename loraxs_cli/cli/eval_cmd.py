@@ -14,6 +14,7 @@ from .options import (
     MaxLengthOption,
     MaxNewTokensOption,
     ModelArgument,
+    QuantizeOption,
     QuietOption,
     VerboseOption,
     WeightsDtypeOption,
@@ -52,6 +53,7 @@ def evaluate(
     ),
     device: DeviceOption = None,
     dtype: WeightsDtypeOption = "auto",
+    quantize: QuantizeOption = None,
     seed: int = typer.Option(
         0, "--seed", callback=SEED, help="Seed of an untrained head (base-model classification)."
     ),
@@ -78,6 +80,7 @@ def evaluate(
         device=device,
         dtype=dtype,
         seed=seed,
+        quantize=quantize,
     )
     state = {}
 
@@ -90,6 +93,8 @@ def evaluate(
         state["stack"] = stack
         results = run_eval(request, on_start=on_start, on_batch=lambda n: state["advance"](n))
     doc = {"model": model, "data": data, "results": results}
+    if quantize:
+        doc["quantize"] = quantize
     out.result(doc, _results_view)
 
 
@@ -98,6 +103,8 @@ def _results_view(doc: dict):
     columns = [k for k in SHOWN if any(k in r for r in results)]
     under, labels = adapter_labels([row["adapter"] for row in results])
     title = f"{doc['model']} on {doc['data']}" + (f" (adapters under {under})" if under else "")
+    if doc.get("quantize"):
+        title += f", {doc['quantize']}-quantized"
     rows = [
         (label, str(row["examples"]),
          *(f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in columns))

@@ -13,6 +13,7 @@ from .options import (
     JsonOption,
     MaxNewTokensOption,
     ModelArgument,
+    QuantizeOption,
     QuietOption,
     VerboseOption,
     WeightsDtypeOption,
@@ -50,6 +51,7 @@ def generate(
     ),
     device: DeviceOption = None,
     dtype: WeightsDtypeOption = "auto",
+    quantize: QuantizeOption = None,
     json_flag: JsonOption = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = 0,
@@ -75,6 +77,7 @@ def generate(
         seed=seed,
         device=device,
         dtype=dtype,
+        quantize=quantize,
     )
     if out_file:  # an earlier output is replaced (only once complete), an input never
         check_output(out_file, generate_inputs(request), force=True)

@@ -9,6 +9,7 @@ from .options import (
     ForceReplaceOption,
     JsonOption,
     MergeDtypeOption,
+    MergeQuantizeOption,
     QuietOption,
     VerboseOption,
 )
@@ -29,6 +30,7 @@ def merge(
         help="Before publishing, load the merged model and base + adapter and compare their logits "
         "(needs memory for both models).",
     ),
+    quantize: MergeQuantizeOption = None,
     force: ForceReplaceOption = False,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (shards, sizes, memory) and exit."),
     config: ConfigOption = None,
@@ -38,10 +40,18 @@ def merge(
 ) -> None:
     """Write W' = W + s B R A into a copy of the base (same shards, config and tokenizer)."""
     out_ = get_output(ctx)
-    from ..merge import plan_merge, run_merge
+    from ..adapter import trained_quantized
+    from ..merge import QUANTIZED_NOTE, plan_merge, run_merge
 
+    if quantize and not verify:
+        from ..errors import UsageError
+
+        raise UsageError("--quantize compares the merge with the quantized base: it needs --verify")
     plan = plan_merge(model, adapter, out, dtype=dtype, force=force)
     doc = plan.as_dict()
+    trained = trained_quantized(plan.adapter.config)
+    if trained:  # said before the merge: the adapter does not need the quantized base it was trained on
+        out_.info(QUANTIZED_NOTE.format(kind=trained))
     if dry_run:
         out_.result({"dry_run": True, **doc}, lambda doc: _plan_view(plan, doc, model, adapter, out))
         return
@@ -49,6 +59,7 @@ def merge(
         report = run_merge(
             plan,
             verify=verify,
+            quantize=quantize,
             on_shard=lambda name: advance(1, name),
             on_verify=lambda: out_.info("verifying: loading base + adapter and the merged model"),
         )
@@ -85,4 +96,12 @@ def _merged_view(report: dict, out: str, shards: int) -> Fields:
         f"{bytes_human(report['bytes'])} in {report['seconds']:.1f}s"
     )
     head = ("task head", ", ".join(report["head"])) if report["head"] else None
-    return Fields(heading, [head, ("verified", verified) if v else None], width=0)
+    q = (v or {}).get("quantized")
+    quantized = q and (
+        f"max |diff| {q['max_abs_diff']:.3g} (relative {q['relative_diff']:.2g}, "
+        f"tolerance {q['tolerance']:g}) against the {q['quantize']}-quantized base + adapter"
+    )
+    trained = report.get("trained_quantized")
+    into = f"full-precision weights (trained on the {trained}-quantized base)" if trained else None
+    rows = [head, ("merged into", into) if into else None, ("verified", verified) if v else None]
+    return Fields(heading, [*rows, ("quantized", quantized) if q else None], width=0)

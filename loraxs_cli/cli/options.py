@@ -247,6 +247,7 @@ StorageDtype = Literal["fp16", "bf16", "fp32", "int8"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 SvdBackend = Literal["torch", "sklearn", "exact"]
 Schedule = Literal["linear", "cosine", "constant"]
+Distributed = Literal["ddp", "fsdp"]  # train.config.DISTRIBUTED
 ExportFormat = Literal["peft-lora"]
 ImportFormat = Literal["peft-lora", "official"]
 OfficialMethod = Literal["auto", "xs", "sb"]
@@ -254,6 +255,7 @@ ChatLoss = Literal["all", "last"]  # data.CHAT_LOSS
 SbStep = Literal["adam", "sign"]  # sb.STEPS
 SbGradMode = Literal["eval", "train"]  # sb.GRAD_MODES
 SbAccumDtype = Literal["float32", "bfloat16"]  # sb.ACCUM_DTYPES
+Quantize = Literal["int8", "nf4"]  # quantize.QUANTIZE_KINDS
 
 TASK_HELP = "causal-lm (prompt/response, messages, text), seq-cls (text + label) or regression (float label)."
 SVD_HELP = (
@@ -299,6 +301,23 @@ OfficialMethodOption = Annotated[
     OfficialMethod,
     typer.Option(
         "--method", help="--from official: xs, sb, or auto (LoRA-SB when A and B are both orthonormal)."
+    ),
+]
+QuantizeOption = Annotated[
+    Quantize | None,
+    typer.Option(
+        "--quantize",
+        help="Run the base's linear layers quantized (bitsandbytes, CPU or GPU): int8 (LLM.int8) or nf4 "
+        "(4-bit NormalFloat); the head and embeddings stay as loaded, the factors are the full-precision "
+        "base's. Needs pip install 'loraxs[quant]'.",
+    ),
+]
+MergeQuantizeOption = Annotated[
+    Quantize | None,
+    typer.Option(
+        "--quantize",
+        help="With --verify: also compare with the int8- or nf4-quantized base + adapter (default: the "
+        "quantization the adapter was trained on, if any). The merge always writes full-precision weights.",
     ),
 ]
 ChatLossOption = Annotated[

@@ -16,6 +16,7 @@ from .options import (
     ChatLossOption,
     ConfigOption,
     DeviceOption,
+    Distributed,
     JsonOption,
     MaxLengthOption,
     MethodOption,
@@ -23,6 +24,7 @@ from .options import (
     NiterOption,
     OversampleOption,
     Precision,
+    QuantizeOption,
     QuietOption,
     SbAccumDtypeOption,
     SbGradModeOption,
@@ -44,7 +46,7 @@ from .render import Fields, bytes_human, table
 TrainCommand = help_panels(
     {
         "Model and data": ("data", "task", "eval_data", "eval_split", "max_length", "chat_loss",
-                           "dtype", "seed"),
+                           "dtype", "quantize", "seed"),
         "Adapter": ("method", "rank", "alpha", "targets", "init_std", "embed_factors", "svd", "niter",
                     "oversample", "sb_samples", "sb_lr", "sb_official_eta", "sb_step", "sb_grad_mode",
                     "sb_accum_dtype", "sb_batch_size", "max_grad_memory"),
@@ -52,7 +54,7 @@ TrainCommand = help_panels(
                          "max_grad_norm", "batch_size", "grad_accum", "gradient_checkpointing", "precision"),
         "Schedule and cadence": ("epochs", "max_steps", "eval_every", "eval_batch_size", "metric",
                                  "save_every", "keep_checkpoints", "log_every"),
-        "Distribution": ("device",),
+        "Distribution": ("device", "distributed"),
         "Output": ("out_dir", "resume", "force", "config", "dry_run", "measure", "json_flag", "quiet",
                    "verbose"),
     }
@@ -139,7 +141,14 @@ def train(
         "auto", "--precision", help="Autocast: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."
     ),
     dtype: WeightsDtypeOption = "auto",
+    quantize: QuantizeOption = None,
     device: DeviceOption = None,
+    distributed: Distributed = typer.Option(
+        "ddp",
+        "--distributed",
+        help="Under torchrun: ddp (each process holds the whole base) or fsdp (the base is sharded "
+        "across the processes with FSDP2, for a base larger than one device).",
+    ),
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing", help="Trade compute for memory."
     ),
@@ -240,7 +249,9 @@ def train(
         seed=seed,
         precision=precision,
         dtype=dtype,
+        quantize=quantize,
         device=device,
+        distributed=distributed,
         gradient_checkpointing=gradient_checkpointing,
         svd=svd,
         niter=niter,
@@ -340,13 +351,28 @@ def _plan_view(plan: dict) -> Fields:
         ("trainable", f"{plan['adapter_params']:,} adapter + {plan['head_params']:,} head parameters"),
         ("data", f"{plan['train_examples']:,} training rows, {plan['eval_examples']:,} held out"),
         ("schedule", f"{plan['steps']:,} steps of {plan['examples_per_step']} examples"),
-        ("memory", f"about {bytes_human(plan['weights_bytes'])} of base weights"),
+        ("memory", _memory(plan) + _quantized(plan)),
         ("lr", f"{rates}, warmup {plan['warmup_ratio']:g} of the steps"),
         ("time", _time(plan)) if "estimate" in plan else None,
+        ("time", f"not measured ({plan['not_measured']})") if "not_measured" in plan else None,
         ("task", f"{plan['task']} (inferred from the rows)") if plan.get("task_inferred") else None,
         ("resume", resume),
     ]
     return Fields(styled("[bold]{}[/] -> {}", plan["model"], plan["out"]), rows, width=12)
+
+
+def _memory(plan: dict) -> str:
+    if plan.get("distributed") == "fsdp" and plan.get("processes", 1) > 1:
+        return (
+            f"about {bytes_human(plan['weights_bytes_per_process'])} of base weights per process "
+            f"({bytes_human(plan['weights_bytes'])} sharded over {plan['processes']} processes by FSDP2)"
+        )
+    return f"about {bytes_human(plan['weights_bytes'])} of base weights"
+
+
+def _quantized(plan: dict) -> str:
+    kind = plan.get("quantize")
+    return f" ({kind}-quantized linear layers; factors of the full-precision base)" if kind else ""
 
 
 def _time(plan: dict) -> str:

@@ -93,6 +93,9 @@ class SBInit:
     accum_dtype: str = SB_DEFAULTS.accum_dtype  # "bfloat16": the official code's sums on a bf16 model
     step: str = SB_DEFAULTS.step  # "sign": the official -eta * sign(G)
     official_eta: OfficialEta | None = None  # set: eta comes from the training schedule instead
+    # Not recorded: where the gradient pass's model comes from. None: load_model (each process a whole
+    # copy); a callable plan -> model: train's FSDP2-sharded base (--distributed fsdp), built once.
+    model: Callable | None = None
 
 
 def sb_request(request, sb: SBInit, all_reduce: Callable | None = None, shard: tuple[int, int] = (0, 1)):
@@ -152,10 +155,23 @@ def _compute(plan, sb: SBInit, rows, labels, settings, all_reduce, shard, on_mod
     examples = encode(rows, tokenizer, sb.task, max_length=sb.max_length, labels=labels)
     rank, world = shard
     mine = examples[rank::world]
-    torch.manual_seed(sb.seed)  # the same fresh task head that `train --seed` starts from
-    model = load_model(plan.base.resolved, dtype=plan.base.weights_dtype, **head_kwargs(sb.task, labels))
     device = torch.device(plan.request.device or "cpu")
-    model.to(device)
+    passes = None
+    if sb.model is not None:
+        # Sharded (FSDP2): every forward and backward is collective, so every process runs as many
+        # passes as the first, which has the most examples; the sharded base has the fresh head of
+        # `train --seed` (fsdp.build_sharded seeds it so).
+        if len(examples) < world:
+            raise BadInputError(
+                f"LoRA-SB: {len(examples)} sample example(s) for {world} processes; raise --sb-samples"
+            )
+        passes = math.ceil(len(examples[0::world]) / sb.batch_size)
+        model = sb.model(plan)
+        device = next(model.parameters()).device
+    else:
+        torch.manual_seed(sb.seed)  # the same fresh task head that `train --seed` starts from
+        model = load_model(plan.base.resolved, dtype=plan.base.weights_dtype, **head_kwargs(sb.task, labels))
+        model.to(device)
     pad_id = pad_id_of(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id
@@ -177,6 +193,7 @@ def _compute(plan, sb: SBInit, rows, labels, settings, all_reduce, shard, on_mod
         mode=sb.grad_mode,
         accum_dtype=accum_dtype,
         seed=sb.seed,
+        passes=passes,
     )
     tensors, stats = sb_factors(gradients, core, plan.request.rank, settings, plan.request.svd, on_module)
     element_bytes = torch.empty((), dtype=accum_dtype).element_size()

@@ -2,6 +2,7 @@
 
     config.py       TrainConfig (a typed LoRA-SB section), the per-task DEFAULTS, config.yaml's document
     distributed.py  one process or torchrun: the process group, the device, reductions, rank 0
+    fsdp.py         --distributed fsdp: the base built on meta, sharded with FSDP2, read shard by shard
     run_dir.py      RunDir: checkpoints, metrics.jsonl, config.yaml, loss.png, the lock, stale temporaries
     schedule.py     steps, the seeded order of examples, optimizer, learning-rate schedule, autocast
     setup.py        `prepare`: split, factors (the method's part in one place), tokenizer, model, head

@@ -12,10 +12,12 @@ from ..errors import UsageError
 from ..lr_finder import LRFindSettings
 from ..method_defaults import SB_DEFAULTS, XS_DEFAULTS
 from ..methods import get_method
+from ..quantize import require_backend
 from ..tasks import resolve_task
 
 SCHEDULES = ("linear", "cosine", "constant")
 RESUME_MODES = ("auto", "always", "never", "fresh")
+DISTRIBUTED = ("ddp", "fsdp")  # under torchrun: a replicated base, or one sharded across the processes
 AUTO_LR = "auto"
 # Defaults per (task, method) for the settings left unset (None), from the sweep in
 # benchmarks/sweep_defaults.py (README "Defaults"): runs of a few hundred steps, not the papers' 10-50 epochs.
@@ -112,8 +114,14 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # autocast: auto (bf16 on GPU, none on CPU), fp32, bf16, fp16
     dtype: str = "auto"  # base weights
+    # int8 | nf4: the backbone's linear layers quantized (quantize.py) once the factors are ready; the
+    # factors stay the full-precision base's (the same cache entry), the adapter records it (training).
+    quantize: str | None = None
     device: str | None = None
     gradient_checkpointing: bool = False
+    # Under torchrun: ddp (every process holds the whole base) or fsdp (the base is sharded, fsdp.py).
+    # Not part of the identity: the checkpoints are the same, so a run may continue in the other mode.
+    distributed: str = "ddp"
     svd: str = "torch"
     niter: int | None = None  # None: the --svd backend's default (factors.BACKEND_DEFAULTS)
     oversample: int | None = None
@@ -133,9 +141,18 @@ class TrainConfig:
         if self.task is not None:
             datamod.check_task(self.task)
         datamod.check_chat_loss(self.chat_loss)
+        if self.quantize is not None:  # an unknown kind, or bitsandbytes missing: before any work
+            require_backend(self.quantize)
+        if self.quantize and self.distributed == "fsdp":
+            raise UsageError(
+                "--quantize cannot be combined with --distributed fsdp (FSDP2 does not shard "
+                "bitsandbytes' quantized weights); use --distributed ddp"
+            )
         get_method(self.method, error=UsageError)
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown --schedule {self.schedule!r}: use {', '.join(SCHEDULES)}")
+        if self.distributed not in DISTRIBUTED:
+            raise UsageError(f"unknown --distributed {self.distributed!r}: use {' or '.join(DISTRIBUTED)}")
         if self.resume not in RESUME_MODES:
             raise UsageError(f"resume must be one of {', '.join(RESUME_MODES)}, not {self.resume!r}")
         positive = {

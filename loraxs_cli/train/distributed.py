@@ -1,6 +1,8 @@
 """One training process or several under torchrun: the process group, this process's device, and the
-reductions the loop needs. With WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel (gloo
-on CPU, nccl on GPU); rank 0 alone writes the run directory."""
+reductions the loop needs. With WORLD_SIZE > 1 (gloo on CPU, nccl on GPU) the model is wrapped in
+DistributedDataParallel (`--distributed ddp`), or its base is sharded with FSDP2 (`--distributed fsdp`,
+fsdp.py: the trained tensors stay plain and replicated, their gradients averaged by `average_`);
+rank 0 alone writes the run directory."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    mode: str = "ddp"  # --distributed: ddp or fsdp
 
     @property
     def main(self) -> bool:
@@ -26,6 +29,11 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+    @property
+    def sharded(self) -> bool:
+        """The base is sharded across the processes (--distributed fsdp with several processes)."""
+        return self.enabled and self.mode == "fsdp"
 
     def barrier(self) -> None:
         if self.enabled:
@@ -40,10 +48,17 @@ class Dist:
         return tensor.tolist()
 
     def average_(self, grads: list[torch.Tensor]) -> None:
-        """Average gradients over the processes, in place (what DDP does for a wrapped model)."""
+        """Average gradients over the processes, in place (what DDP does for a wrapped model): one
+        all-reduce of them all flattened per dtype and device (hundreds of r x r R's are one message)."""
+        kinds: dict[tuple, list[torch.Tensor]] = {}
         for grad in grads:
-            torch.distributed.all_reduce(grad)
-            grad.div_(self.world)
+            kinds.setdefault((grad.dtype, grad.device), []).append(grad)
+        for group in kinds.values():
+            flat = torch.cat([g.reshape(-1) for g in group])
+            torch.distributed.all_reduce(flat)
+            flat.div_(self.world)
+            for grad, value in zip(group, flat.split([g.numel() for g in group]), strict=True):
+                grad.copy_(value.view_as(grad))
 
     def from_rank0(self, value: float, device: torch.device) -> float:
         """Rank 0's `value` on every process."""
@@ -62,7 +77,7 @@ def world_size() -> int:
     return env_int("WORLD_SIZE", 1, minimum=1)
 
 
-def init_distributed(device: str | None) -> tuple[Dist, torch.device]:
+def init_distributed(device: str | None, mode: str = "ddp") -> tuple[Dist, torch.device]:
     """Join the torchrun process group when WORLD_SIZE > 1; pick this process's device."""
     world = world_size()
     local_rank = env_int("LOCAL_RANK", 0)
@@ -79,7 +94,7 @@ def init_distributed(device: str | None) -> tuple[Dist, torch.device]:
             torch.cuda.set_device(chosen)
         torch.distributed.init_process_group(backend=backend)
     rank = torch.distributed.get_rank() if world > 1 else 0
-    return Dist(rank, world, local_rank), chosen
+    return Dist(rank, world, local_rank, mode), chosen
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,8 +103,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
-    """The model in DistributedDataParallel with several processes, else itself."""
-    if not dist.enabled:
+    """The model in DistributedDataParallel with several processes, else itself (also a model whose
+    base FSDP2 has sharded: it needs no wrapper, and its trained tensors are averaged by hand)."""
+    if not dist.enabled or dist.sharded:
         return model
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False

@@ -16,7 +16,9 @@ from ..devices import parse_device
 from ..errors import BadInputError
 from ..initialize import plan_factors
 from ..layer import inject
-from ..models import backbone, load_tokenizer, weight_matrix
+from ..linear import compute_dtype, weight_shape
+from ..models import backbone, load_tokenizer
+from ..quantize import quantized_weights_bytes
 from ..tasks import check_architecture
 from .config import AUTO_LR, TrainConfig
 from .distributed import Dist, world_size
@@ -39,6 +41,7 @@ def plan_training(config: TrainConfig, measure: bool = True) -> dict:
     plan = plan_factors(request)
     check_architecture(config.task, plan.base.config, config.model)
     world = world_size()
+    sharded = config.distributed == "fsdp" and world > 1
     hidden = getattr(plan.base.config, "hidden_size", 0)
     head = 0 if config.task == "causal-lm" else hidden * len(labels or [0]) + len(labels or [0])
     item = torch.empty((), dtype=plan.base.weights_dtype).element_size()
@@ -55,7 +58,14 @@ def plan_training(config: TrainConfig, measure: bool = True) -> dict:
         "eval_examples": len(held_rows),
         "steps": total_steps(config, len(train_rows), world),
         "examples_per_step": examples_per_step(config, world),
-        "weights_bytes": plan.base.total_params * item,
+        "weights_bytes": quantized_weights_bytes(plan.base, config.quantize, item),
+        "quantize": config.quantize,
+        "distributed": config.distributed,
+        "processes": world,
+        # --distributed fsdp: each process holds 1/N of the base (plus one block gathered at a time)
+        "weights_bytes_per_process": math.ceil(
+            quantized_weights_bytes(plan.base, config.quantize, item) / (world if sharded else 1)
+        ),
         "task": config.task,
         "task_inferred": bool(inferred),
         "start": start.action,
@@ -65,7 +75,10 @@ def plan_training(config: TrainConfig, measure: bool = True) -> dict:
         "head_lr": config.head_lr if config.task != "causal-lm" else None,
         "warmup_ratio": config.warmup_ratio,
     }
-    if measure:
+    if measure and sharded:
+        # Timing a step here would load the whole base into every process: what fsdp is there to avoid.
+        summary["not_measured"] = "--distributed fsdp: the base is not loaded whole to time a step"
+    elif measure:
         remaining = summary["steps"] - (start.found[1]["step"] if start.found else 0)
         extra_steps = config.lr_find_steps if config.lr == AUTO_LR and not start.found else 0
         summary.update(measure_step(config, plan, rows, labels, remaining + extra_steps))
@@ -95,11 +108,11 @@ def measure_step(config: TrainConfig, plan, rows: list, labels: list[str] | None
     generator = torch.Generator().manual_seed(0)
     factors = {}
     for name in plan.targets:
-        weight = weight_matrix(modules[name])
-        m, n = weight.shape
+        m, n = weight_shape(modules[name])  # the declared sizes: a quantized weight may be packed
+        dtype = compute_dtype(modules[name])
         A = torch.randn(config.rank, n, generator=generator) / math.sqrt(n)
         B = torch.randn(m, config.rank, generator=generator) / math.sqrt(config.rank)
-        factors[name] = (A.to(device, weight.dtype), B.to(device, weight.dtype))
+        factors[name] = (A.to(device, dtype), B.to(device, dtype))
     inject(core, factors, scaling=scaling(config), init_std=config.init_std, seed=config.seed)
     head_names = make_trainable(model, config)
     model.train()

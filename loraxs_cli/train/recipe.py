@@ -5,8 +5,10 @@
                    -> Trainer.finish: the last evaluation, RUN/adapter, loss.png
 
 One loop serves one process and torchrun: with WORLD_SIZE > 1 the model is wrapped in
-DistributedDataParallel. Every process sees the same global order of examples; each optimizer step
-takes `batch_size * world * grad_accum` of them, rank k the k-th slice of each micro-batch. Losses are
+DistributedDataParallel, or (--distributed fsdp) its base is sharded with FSDP2 (fsdp.py) and the
+trained tensors' gradients are averaged after each step's passes. Every process sees the same global
+order of examples; each optimizer step takes `batch_size * world * grad_accum` of them, rank k the
+k-th slice of each micro-batch. Losses are
 normalised by the global number of loss terms, so N processes give the same update as one process
 with the same global batch. Ctrl-C and SIGTERM write a checkpoint, then stop (exit 130 in the CLI).
 """
@@ -36,6 +38,7 @@ from ..objective import default_metric, improves, loss_sum, model_inputs
 from ..paths import factors_root
 from .config import AUTO_LR, TrainConfig
 from .distributed import Dist, init_distributed, unwrap, wrap
+from .fsdp import report_memory
 from .run_dir import RunDir
 from .schedule import (
     autocast_for,
@@ -84,7 +87,9 @@ def train(config: TrainConfig, events: TrainEvents | None = None) -> TrainResult
     events = events or TrainEvents()
     started = time.perf_counter()
     with sigterm_as_interrupt(), ExitStack() as held:
-        dist, device = init_distributed(config.device)
+        dist, device = init_distributed(config.device, config.distributed)
+        if config.distributed == "fsdp" and not dist.enabled:
+            events.message("--distributed fsdp: one process, nothing to shard; training as one process")
         # The task first: it is part of the run's identity that a resume is checked against.
         resolved, _, _ = resolve(config)
         check_out(resolved)
@@ -99,9 +104,13 @@ def train(config: TrainConfig, events: TrainEvents | None = None) -> TrainResult
             raise
         if not prep.train:
             raise BadInputError(f"{prep.config.data}: no usable training examples")
+        mode = "fsdp" if dist.sharded else "ddp"
+        report_memory(prep.model, dist.rank, mode, "setup")  # with LORAXS_MEMORY_REPORT only
         trainer = Trainer(prep, run, dist, device, events, found)
         trainer.loop()
-        return trainer.finish(started)
+        result = trainer.finish(started)
+        report_memory(prep.model, dist.rank, mode, "end")
+        return result
 
 
 def check_out(config: TrainConfig) -> None:
@@ -151,18 +160,25 @@ class Passes:
     def forward_backward(self, model: torch.nn.Module, step_examples: list) -> tuple[float, float, int]:
         """(summed loss, tokens, loss terms) of one optimizer step over `step_examples` (this process
         takes its slice of each micro-batch); gradients accumulate into the model; loss and tokens are
-        summed over all processes."""
+        summed over all processes.
+
+        Every process runs every micro-batch that holds examples (the last step of an epoch may hold
+        fewer): DDP reduces the gradients in the last one's backward, and FSDP gathers the weights in
+        every forward, so a process whose slice is empty runs the micro-batch's first example with a
+        zero loss weight, and counts nothing."""
         dist = self.dist
         total_terms = sum(e.num_targets for e in step_examples)
         loss_total, tokens = 0.0, 0
         micro = self.batch_size * dist.world
         ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        for k in range(self.grad_accum):
-            chunk = step_examples[k * micro : (k + 1) * micro][dist.rank :: dist.world]
+        micro_batches = [step_examples[k * micro : (k + 1) * micro] for k in range(self.grad_accum)]
+        micro_batches = [examples for examples in micro_batches if examples]  # the same on every process
+        for k, examples in enumerate(micro_batches):
+            chunk, weight = examples[dist.rank :: dist.world], 1.0
             if not chunk:
-                continue
+                chunk, weight = examples[:1], 0.0
             batch = datamod.collate(chunk, self.pad_id, self.task)
-            sync = k == self.grad_accum - 1 or not ddp
+            sync = k == len(micro_batches) - 1 or not ddp
             with (
                 nullcontext() if sync else model.no_sync(),
                 self.autocast() if self.autocast else nullcontext(),
@@ -170,10 +186,11 @@ class Passes:
                 logits = model(**model_inputs(batch, self.device)).logits
             summed, _ = loss_sum(logits, batch["labels"].to(self.device), self.task)
             # DDP averages gradients over processes: scale so the result is the global mean.
-            loss = summed * (dist.world / max(total_terms, 1))
+            loss = summed * (dist.world * weight / max(total_terms, 1))
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_total += float(summed.detach())
-            tokens += int(batch["attention_mask"].sum())
+            if weight:
+                loss_total += float(summed.detach())
+                tokens += int(batch["attention_mask"].sum())
         loss_total, tokens = dist.sum([loss_total, float(tokens)])
         return loss_total, tokens, total_terms
 
@@ -271,6 +288,8 @@ class Trainer:
         loss_total, tokens, total_terms = self.passes.forward_backward(
             self.model, [prep.train[i] for i in indices]
         )
+        if self.dist.sharded:  # FSDP reduces none of them: R and the head are outside its groups
+            self.dist.average_(_grads(self.trainable))
         mean_loss = loss_total / max(total_terms, 1)
         if not math.isfinite(mean_loss):
             kept = self.run.checkpoint_dirs()
@@ -368,11 +387,12 @@ class Trainer:
             )
 
     def evaluate(self) -> dict | None:
-        """The held-out metrics now (rank 0; None elsewhere or without held-out data)."""
+        """The held-out metrics now (rank 0; None elsewhere or without held-out data). A sharded base
+        runs its forward passes together: every process evaluates, rank 0 keeps the result."""
         prep = self.prep
-        if not prep.held_out or not self.dist.main:
+        if not prep.held_out or not (self.dist.main or self.dist.sharded):
             return None
-        return evaluate_examples(
+        metrics = evaluate_examples(
             unwrap(self.model),
             prep.held_out,
             self.config.task,
@@ -381,6 +401,9 @@ class Trainer:
             device=self.device,
             autocast=self.passes.autocast,
         )
+        if self.dist.sharded:
+            self.model.reshard()  # FSDP keeps the root's weights whole after a forward without backward
+        return metrics if self.dist.main else None
 
     def keep_best(self, metrics: dict | None, train_loss: float | None) -> None:
         """Log an evaluation; keep RUN/best when it improves on the best so far (`objective.improves`:
@@ -427,6 +450,14 @@ class Trainer:
             "data_position": data_position(self.step, self.per_step, len(self.prep.train)),
             "lr_find": self.lr_found,
         }
+
+
+def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of `params`, a zero one for any that got none (every process reduces the same list)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
 
 
 def trainable_state(model: torch.nn.Module, head_names: list[str]) -> tuple[dict, dict]:
@@ -507,6 +538,8 @@ def write_adapter(prep: Prepared, out: Path, R: dict, head: dict, metrics: dict)
             k: getattr(config, k) for k in ("lr", "head_lr", "batch_size", "grad_accum", "seed", "schedule")
         },
     }
+    if config.quantize:  # trained on a quantized base; its factors are still the full-precision base's
+        extra["training"]["quantized"] = config.quantize
     extra.update(get_method(config.method).adapter_extra(prep.entry.meta.get("recipe", {}).get("extra")))
     adapter_config = new_config(
         prep.plan.base,

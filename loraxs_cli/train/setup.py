@@ -6,20 +6,21 @@ steps it needs, so the plan and the run cannot disagree (the held-out split, say
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .. import data as datamod
 from ..factors import SVDSettings
 from ..initialize import FactorPlan, FactorRequest, ensure_factors, plan_factors
-from ..layer import inject
+from ..layer import inject, set_fused
 from ..methods import get_method
 from ..methods.sb import OfficialEta, SBInit, parse_bytes
 from ..models import backbone, head_kwargs, load_model, load_tokenizer, parse_targets
 from ..tasks import check_architecture
 from .config import TrainConfig, with_defaults, with_task
 from .distributed import Dist
+from .fsdp import build_sharded
 
 
 @dataclass
@@ -46,7 +47,8 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events) -> Pr
     config, rows, inferred = resolve(config)
     labels = datamod.label_names(rows, config.task)
     train_rows, held_rows = split_rows(config, rows)
-    request, compute, note = factor_request(config, device, dist)
+    sharded = ShardedBase(config, labels, device, dist.world) if dist.sharded else None
+    request, compute, note = factor_request(config, device, dist, sharded)
     if note:
         events.message(note)
     plan = plan_factors(request)
@@ -61,7 +63,11 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events) -> Pr
     if inferred:  # said once the rows are known to fit it, so a bad row's error stays one line
         events.message(inferred)
     entry, hit = get_factors(config, plan, compute, dist, events)
-    model = load_base(config, plan, tokenizer, labels, device)
+    if sharded:
+        model = sharded(plan)  # LoRA-SB's gradient pass may have built it already
+        set_pad_token(model, tokenizer)
+    else:
+        model = load_base(config, plan, tokenizer, labels, device)
     factors = entry.load(config.rank, plan.targets)
     inject(
         backbone(model),
@@ -71,6 +77,9 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events) -> Pr
         init_std=config.init_std,
         seed=config.seed,
     )
+    if sharded:
+        # The fused [W; A] path rebinds the base weight's storage, which FSDP2 owns: off under sharding.
+        set_fused(model, False)
     head_names = make_trainable(model, config)
     return Prepared(
         config,
@@ -114,10 +123,14 @@ def encode(config: TrainConfig, tokenizer, labels: list[str] | None, rows: list)
 
 
 def factor_request(
-    config: TrainConfig, device: torch.device | None = None, dist: Dist | None = None
+    config: TrainConfig,
+    device: torch.device | None = None,
+    dist: Dist | None = None,
+    sharded: ShardedBase | None = None,
 ) -> tuple[FactorRequest, Callable | None, str | None]:
     """The factor request of the run (its method's recipe fields included), the method's compute step
-    (None: the default XS SVD), and a line worth saying about it."""
+    (None: the default XS SVD), and a line worth saying about it. `sharded`: the run's sharded base
+    (--distributed fsdp), which LoRA-SB's gradient pass then runs on."""
     request = FactorRequest(
         model=config.model,
         rank=config.rank,
@@ -127,7 +140,7 @@ def factor_request(
         dtype=config.dtype,
         device=str(device) if device is not None and device.type == "cuda" else None,
     )
-    return with_method(request, config, dist or Dist())
+    return with_method(request, config, dist or Dist(), sharded)
 
 
 def get_factors(config: TrainConfig, plan: FactorPlan, compute: Callable | None, dist: Dist, events):
@@ -150,22 +163,57 @@ def load_base(
 ) -> torch.nn.Module:
     """The base model for the task (a fresh head initialised from the run's seed), on `device`."""
     torch.manual_seed(config.seed)
-    model = load_model(plan.base.resolved, dtype=config.dtype, **head_kwargs(config.task, labels))
-    model.to(device)
-    if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # --quantize: the backbone's linear layers quantized on `device` as the model is loaded; `prepare` has
+    # the factors (from the full-precision weights) by then, and no SVD ever sees a quantized layer.
+    model = load_model(
+        plan.base.resolved,
+        dtype=config.dtype,
+        device=device,
+        quantize=config.quantize,
+        **head_kwargs(config.task, labels),
+    )
+    set_pad_token(model, tokenizer)
     return model
 
 
+def set_pad_token(model: torch.nn.Module, tokenizer) -> None:
+    if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+class ShardedBase:
+    """--distributed fsdp: the run's base sharded across the processes (fsdp.build_sharded), built once
+    when first asked for: by LoRA-SB's gradient pass on a factor cache miss (it runs on the same
+    sharded model, in the same dtype and with the same fresh head), else by `prepare`."""
+
+    def __init__(self, config: TrainConfig, labels: list[str] | None, device: torch.device, world: int):
+        self.config, self.labels, self.device, self.world = config, labels, device, world
+        self.model: torch.nn.Module | None = None
+
+    def __call__(self, plan: FactorPlan) -> torch.nn.Module:
+        if self.model is None:
+            config = self.config
+            self.model = build_sharded(
+                plan.base.resolved,
+                head_kwargs(config.task, self.labels),
+                plan.base.weights_dtype,
+                config.seed,
+                self.device,
+                self.world,
+            )
+        return self.model
+
+
 def make_trainable(model: torch.nn.Module, config: TrainConfig) -> list[str]:
-    """Unfreeze the task head (everything outside the backbone; none for causal-lm) and switch on
-    gradient checkpointing if asked; returns the head's parameter names. Call after `inject`."""
+    """Unfreeze the task head (everything outside the backbone) and switch on gradient checkpointing if
+    asked; returns the head's parameter names. Call after `inject`. A causal LM has no head to train:
+    its output layer (an untied lm_head) is frozen, so no gradient is computed, clipped or reduced for it."""
     head_names = []
-    if config.task != "causal-lm":
-        core_params = {id(p) for p in backbone(model).parameters()}
-        for name, param in model.named_parameters():
-            if id(param) not in core_params:
-                param.requires_grad_(True)
+    core_params = {id(p) for p in backbone(model).parameters()}
+    for name, param in model.named_parameters():
+        if id(param) not in core_params:
+            param.requires_grad_(config.task != "causal-lm")
+            if config.task != "causal-lm":
                 head_names.append(name)
     if config.gradient_checkpointing:
         model.config.use_cache = False
@@ -179,10 +227,12 @@ def make_trainable(model: torch.nn.Module, config: TrainConfig) -> list[str]:
 
 
 def with_method(
-    request: FactorRequest, config: TrainConfig, dist: Dist
+    request: FactorRequest, config: TrainConfig, dist: Dist, sharded: ShardedBase | None = None
 ) -> tuple[FactorRequest, Callable | None, str | None]:
     method = get_method(config.method)
     settings = method_settings(config)
+    if sharded is not None and isinstance(settings, SBInit):
+        settings = replace(settings, model=sharded)  # the gradient pass on the run's sharded base
     request, compute = method.prepare(
         request, settings, all_reduce=dist.all_reduce, shard=(dist.rank, dist.world)
     )
