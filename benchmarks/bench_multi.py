@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import statistics
+import sys
 import time
 
 import torch
@@ -208,19 +210,31 @@ def main() -> None:
     )
     parser.add_argument("--memory-adapters", type=int, default=10_000, help="0 skips the memory figure.")
     parser.add_argument("--memory-rank", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout (text on stderr)")
     args = parser.parse_args()
+    out = sys.stderr if args.json else sys.stdout
+    document = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "phases": {}}
     args.adapters = args.adapters or args.rows
+    document["settings"]["adapters"] = args.adapters
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(
         f"device {device}, {args.dtype}, {args.shapes} shapes, {args.layers} layers x 7 projections, "
         f"rank {args.rank}, {args.rows} rows, {args.adapters} distinct adapters, "
-        f"threads {torch.get_num_threads()}"
+        f"threads {torch.get_num_threads()}",
+        file=out,
     )
     for phase, tokens in (("decode", 1), ("prefill", args.prefill_len)):
         r = bench_phase(args, device, dtype, tokens)
         ms = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in r.items())
-        print(f"{phase} ({tokens} token/row): {ms}")
+        print(f"{phase} ({tokens} token/row): {ms}", file=out)
+        document["phases"][phase] = {
+            "seconds": r,
+            "multi_vs_base": r["base"] / r["multi"],
+            "multi_vs_shared": r["shared"] / r["multi"],
+            "naive_vs_shared": r["shared"] / r["naive"],
+            **({"multi_vs_loop": r["loop"] / r["multi"]} if "loop" in r else {}),
+        }
         line = (
             f"  multi vs base {r['base'] / r['multi']:.3f}, vs shared {r['shared'] / r['multi']:.3f}; "
             f"naive vs base {r['base'] / r['naive']:.3f}, vs shared {r['shared'] / r['naive']:.3f}"
@@ -230,16 +244,20 @@ def main() -> None:
                 f"; multi is {r['loop'] / r['multi']:.1f}x faster than the loop "
                 f"(loop timed over {min(args.loop_adapters, args.adapters)} adapters, scaled)"
             )
-        print(line)
+        print(line, file=out)
     if args.memory_adapters:
         m = bench_memory(args, device)
+        document["memory"] = {**m, "adapters": args.memory_adapters}
         print(
             f"memory: {args.memory_adapters} SmolLM2 adapters (rank {args.memory_rank}, "
             f"{m['modules']} modules): {m['added_bytes'] / 2**30:.3f} GiB resident added, "
             f"stacked R buffers {m['held_bytes'] / 2**30:.3f} GiB "
             f"(N x r x r x 4 bytes: {m['ideal_R_bytes'] / 2**30:.3f} GiB), "
-            f"{m['added_bytes'] / args.memory_adapters / 1024:.1f} KiB per adapter)"
+            f"{m['added_bytes'] / args.memory_adapters / 1024:.1f} KiB per adapter)",
+            file=out,
         )
+    if args.json:
+        print(json.dumps(document, indent=2))
 
 
 if __name__ == "__main__":

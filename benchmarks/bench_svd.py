@@ -16,11 +16,15 @@ machine shared with other jobs: spinning BLAS threads then cost far more than th
     python benchmarks/bench_svd.py                    # all 30 layers, ranks 16 and 64
     python benchmarks/bench_svd.py --layers 4 --ranks 16
     python benchmarks/bench_svd.py --device cuda      # torch backend on the GPU
+    python benchmarks/bench_svd.py --random mistral-7b --device cuda --ranks 64 --niter 4 --json
+                                                      # 224 random Mistral-7B-shaped matrices, made on
+                                                      # the device one at a time (no checkpoint needed)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -54,6 +58,37 @@ def load_projections(model_dir: Path, layers: int) -> dict[str, torch.Tensor]:
     if not found:
         raise SystemExit(f"no q/k/v/o/gate/up/down projections in {model_dir}")
     return dict(sorted(found.items(), key=lambda kv: (int(PROJECTION.fullmatch(kv[0])[1]), kv[0])))
+
+
+# (out, in) of the seven projections per layer, and the layer count, of the --random shape sets.
+RANDOM_SHAPES = {
+    "mistral-7b": (32, {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
+                        "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}),
+    "smollm2": (30, {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
+                     "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}),
+}  # fmt: skip
+
+
+class RandomWeights:
+    """Gaussian matrices of a real model's projection shapes, made on the device when asked for (one at a
+    time: the 224 Mistral-7B matrices would need 28 GB in float32 at once). Timing only: a flat spectrum."""
+
+    def __init__(self, shapes: str, layers: int | None, device: str) -> None:
+        total, self.shapes = RANDOM_SHAPES[shapes]
+        self.layers, self.device = min(layers or total, total), device
+
+    def items(self):
+        for layer in range(self.layers):
+            for i, (kind, shape) in enumerate(self.shapes.items()):
+                seed = torch.Generator(device=self.device).manual_seed(layer * 7 + i)
+                name = f"model.layers.{layer}.{kind}_proj.weight"
+                yield name, torch.randn(shape, generator=seed, device=self.device)
+
+    def values(self):
+        return (w for _, w in self.items())
+
+    def __len__(self) -> int:
+        return self.layers * len(self.shapes)
 
 
 def sync(device: str) -> None:
@@ -102,12 +137,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads, both")
     parser.add_argument("--device", default="cpu", help="device of the torch backend (cpu, cuda)")
     parser.add_argument("--no-exact", action="store_true", help="skip the full SVD reference")
+    parser.add_argument("--random", choices=sorted(RANDOM_SHAPES), default=None,
+                        help="random matrices of these shapes, no checkpoint (torch backend)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout (table on stderr)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    weights = load_projections(args.model or default_model(), args.layers)
-    shapes = sorted({tuple(w.shape) for w in weights.values()})
-    print(f"{len(weights)} matrices {shapes}, {args.threads} CPU threads, torch backend on {args.device}")
+    out = sys.stderr if args.json else sys.stdout
+    if args.random:
+        weights = RandomWeights(args.random, args.layers, args.device)
+        shapes = sorted(set(weights.shapes.values()))
+    else:
+        weights = load_projections(args.model or default_model(), args.layers)
+        shapes = sorted({tuple(w.shape) for w in weights.values()})
+    print(f"{len(weights)} matrices {shapes}, {args.threads} CPU threads, torch backend on {args.device}",
+          file=out)  # fmt: skip
+    if args.random:
+        _random_only(weights, args, out)
+        return
     sklearn_settings = SVDSettings(backend="sklearn", niter=10, oversample=10)  # TruncatedSVD defaults
 
     with threadpool_limits(limits=args.threads):
@@ -137,6 +184,21 @@ def main() -> None:
                 ratio = errors[method] / errors["sklearn"]
                 verdict = "met" if speed >= 10 and ratio <= 1 + 1e-6 else "NOT met"
                 print(line + f"; error / sklearn's = {ratio:.6f} (target >= 10x at <= error: {verdict})")
+
+
+def _random_only(weights: RandomWeights, args, out) -> None:
+    """The torch backend's time on random matrices (no sklearn or exact peers: they would take hours on
+    Mistral-7B shapes, and a flat spectrum says nothing of accuracy)."""
+    rows = []
+    for rank in args.ranks:
+        for n in args.niter:
+            settings = SVDSettings(backend="torch", niter=n, oversample=args.oversample)
+            seconds, residual, total = run_backend(weights, rank, settings, args.device)
+            rows.append({"rank": rank, "niter": n, "matrices": len(weights), "seconds": seconds,
+                         "relative_error": (residual / total) ** 0.5})  # fmt: skip
+            print(f"rank {rank} torch n{n}: {len(weights)} matrices in {seconds:.3f} s", file=out)
+    if args.json:
+        print(json.dumps({"shapes": args.random, "device": args.device, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

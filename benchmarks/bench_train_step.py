@@ -7,6 +7,8 @@ Variants, each built fresh in its own worker process (clean allocator, its own R
               backward runs through the whole stack; no optimizer step (nothing to train). What an adapter
               costs on top of this is the adapter's own price.
     loraxs    loraxs_cli.layer.inject with SVD factors (loraxs' own randomized SVD) at --rank; AdamW on R
+              (the fused [W; A] path, the default)
+    unfused   the same with the fused path off (set_fused(model, False)): a separate base GEMM and A x
     lora      PEFT LoRA, r = alpha = --rank, no dropout, same targets; AdamW on A and B
     psoft     PEFT PSOFT with psoft_orth=False and psoft_mag_a/b=False: a free r x r matrix between frozen
               SVD factors, the same parameter count as LoRA-XS; AdamW on it
@@ -43,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("base", "loraxs", "lora", "psoft")
+VARIANTS = ("base", "loraxs", "unfused", "lora", "psoft")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MISTRAL_7B = dict(
     hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -129,9 +131,9 @@ def attach(variant: str, model, args, device) -> list:
         model.requires_grad_(False)
         model.enable_input_require_grads()
         return []
-    if variant == "loraxs":
+    if variant in ("loraxs", "unfused"):
         from loraxs_cli.factors import SVDSettings, compute_xs_factors
-        from loraxs_cli.layer import inject, xs_modules
+        from loraxs_cli.layer import inject, set_fused, xs_modules
         from loraxs_cli.models import backbone
 
         core = backbone(model)
@@ -139,6 +141,7 @@ def attach(variant: str, model, args, device) -> list:
         found = compute_xs_factors(core, names, args.rank, SVDSettings(niter=2), device=device)
         factors = {n: (found.tensors[f"{n}.A"], found.tensors[f"{n}.B"]) for n in names}
         inject(core, factors, scaling=1.0, seed=args.seed)
+        set_fused(core, variant == "loraxs")
         return [m.R for m in xs_modules(core).values()]
     from peft import get_peft_model
 
@@ -160,6 +163,30 @@ def attach(variant: str, model, args, device) -> list:
     return [p for p in peft_model.parameters() if p.requires_grad]
 
 
+# Multiply-adds per token of a target (m, n): the frozen base 2 m n (forward W x, backward g W; a frozen
+# weight needs no gradient of its own). LoRA-XS and PSOFT add 2 r (m + n): A x and B u forward, g B and
+# v A backward (the r x r terms are negligible); LoRA adds the gradients of A and B, half as much again.
+# The table holds the adapter's extra work in units of 2 r (m + n).
+ADAPTER_WORK = {"base": 0.0, "loraxs": 1.0, "unfused": 1.0, "psoft": 1.0, "lora": 1.5}
+
+
+def flop_floor(model, variant: str, rank: int) -> float:
+    """The best tokens/s a variant can reach against the frozen base if only the arithmetic of the
+    linear layers counted: base / (base + adapter), over every nn.Linear of the model (lm_head too)
+    and the variant's extra work on the targets. Attention scores and norms are left out (they only
+    raise the floor)."""
+    import torch
+
+    base = extra = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            m, n = module.out_features, module.in_features
+            base += m * n
+            if name.rpartition(".")[2] in PROJECTIONS:
+                extra += ADAPTER_WORK[variant] * rank * (m + n)
+    return base / (base + extra)
+
+
 class Variant:
     """One variant's model, adapter, optimizer and batch, ready to take timed training steps."""
 
@@ -176,6 +203,7 @@ class Variant:
         self.cuda = self.device.type == "cuda"
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         self.model = build_model(args, self.device, dtype)
+        self.floor = flop_floor(self.model, variant, args.rank)
         _settle()
         self.baseline = torch.cuda.memory_allocated() if self.cuda else _status_bytes("VmRSS")
         self.trainable = attach(variant, self.model, args, self.device)
@@ -220,6 +248,7 @@ class Variant:
             "peak_bytes": peak if self.cuda else peak - self.baseline,
             "peak_above_model_bytes": peak - self.baseline,
             "peak_above_ready_bytes": peak - self.ready,  # what the steps add once the adapter is built
+            "flop_floor": self.floor,
             "loss": self.loss,
         }
 
@@ -375,6 +404,7 @@ def add_ratios(rows: dict[str, dict]) -> None:
         row["tokens_vs_base"] = ratio(row["tokens_per_s"], base.get("tokens_per_s"))
         row["tokens_vs_lora"] = ratio(row["tokens_per_s"], lora.get("tokens_per_s"))
         row["memory_vs_lora"] = ratio(row["peak_bytes"], lora.get("peak_bytes"))
+        row["tokens_vs_floor"] = ratio(row["tokens_vs_base"], row.get("flop_floor"))
 
 
 def check_targets(rows: dict[str, dict]) -> dict[str, dict] | None:
@@ -403,15 +433,16 @@ def _fmt(value, spec: str) -> str:
 def print_table(rows: dict[str, dict], args, cuda: bool, out) -> None:
     memory = "peak GiB" if cuda else "peak +MiB"
     unit = 2**30 if cuda else 2**20
-    print(f"{'variant':10}{'trainable':>12}{'tokens/s':>11}{'vs base':>9}{'vs LoRA':>9}{memory:>11}"
-          f"{'vs LoRA':>9}", file=out)  # fmt: skip
+    print(f"{'variant':10}{'trainable':>12}{'tokens/s':>11}{'vs base':>9}{'floor':>7}{'vs floor':>9}"
+          f"{'vs LoRA':>9}{memory:>11}{'vs LoRA':>9}", file=out)  # fmt: skip
     for name, row in rows.items():
         if "skipped" in row:
             print(f"{name:10}  skipped: {row['skipped']}", file=out)
             continue
         print(
             f"{name:10}{row['trainable_params']:>12,}{row['tokens_per_s']:>11,.0f}"
-            f"{_fmt(row['tokens_vs_base'], '.3f'):>9}{_fmt(row['tokens_vs_lora'], '.3f'):>9}"
+            f"{_fmt(row['tokens_vs_base'], '.3f'):>9}{_fmt(row.get('flop_floor'), '.3f'):>7}"
+            f"{_fmt(row.get('tokens_vs_floor'), '.3f'):>9}{_fmt(row['tokens_vs_lora'], '.3f'):>9}"
             f"{row['peak_bytes'] / unit:>11.{2 if cuda else 0}f}{_fmt(row['memory_vs_lora'], '.3f'):>9}",
             file=out,
         )
@@ -518,6 +549,8 @@ def main(argv=None) -> None:
     add_ratios(rows)
     print_table(rows, args, cuda, out)
     checks = check_targets(rows) if cuda else None
+    print("floor: the tokens/s against the frozen base that the adapter's extra arithmetic allows "
+          "(linear layers: base m n, adapter r (m + n) per target, LoRA 1.5x that)", file=out)  # fmt: skip
     print_targets(checks, cuda, out)
     if args.json:
         settings = {k: getattr(args, k) for k in ("device", "dtype", "model", "batch", "seq", "rank", "steps",

@@ -5,6 +5,15 @@
 The adapter path is a custom autograd Function so that its backward keeps only
 `z = A x` (tokens x r) from the forward, never the layer input x (tokens x n). R, its
 gradient and hence its optimizer state stay float32 whatever the model dtype.
+
+Fused path (the default for a plain nn.Linear): W, A and B live in one block matrix
+`[[W, B], [A, 0]]` (the base weight and the factors become views of it: no copy is kept), so the
+forward is one GEMM giving `W x` and `A x` together with the update `u B^T` added in place, and the
+backward one GEMM giving `g W` and `g B` together with `s (g B) R A` added in place. It serves training
+and inference alike. The unfused path (a separate
+`base(x)` plus the adapter Function) stays for what cannot be fused: GPT-2's Conv1D, quantized or
+sharded (FSDP2 DTensor) weights, subclasses of nn.Linear (bitsandbytes), a base with hooks, autocast to
+a dtype other than the weights', and `set_fused(model, False)`.
 """
 
 from __future__ import annotations
@@ -17,9 +26,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import BadInputError, IncompatibleError
-from .linear import delta_weight, is_linear, weight_matrix
+from .linear import compute_dtype, delta_weight, is_linear, weight_matrix, weight_shape
 
-__all__ = ["XSLinear", "inject", "remove", "xs_modules"]
+__all__ = ["XSLinear", "inject", "remove", "set_fused", "xs_modules"]
 
 
 def _no_autocast(device_type: str):
@@ -67,6 +76,59 @@ class _XSFunction(torch.autograd.Function):
         return grad_x, None, None, grad_r, None
 
 
+class _FusedXSFunction(torch.autograd.Function):
+    """y = W x + b + s * ((A x) R^T) B^T, with W, A and B held in one block matrix
+
+        K = [[W, B],      (m + r, n + r): the base weight and the two factors are views of it
+             [A, 0]]
+
+    Forward: one GEMM with K[:, :n] = [W; A] gives W x and z = A x together; `u B^T` is added in place
+    into the first m columns (a GEMM with beta 1: no (tokens, m) delta is written and read back).
+    Backward: one GEMM with K[:m] = [W, B] gives g W and g B together, then the input gradient is
+    g W + v A with v = s (g B) R, added in place; grad_R = s (g B)^T z. Saved for backward: z
+    (tokens x r, copied out of the fused output so the output is not kept alive) and K, never x. The
+    output is a strided view (row stride m + r) of the fused GEMM's result, as in multi.py's inference
+    path; a projection's consumers (view, transpose, add) take it as it is.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, block: Tensor, bias: Tensor | None, R: Tensor, scaling: float) -> Tensor:
+        r = R.shape[0]
+        m, n = block.shape[0] - r, block.shape[1] - r
+        with _no_autocast(x.device.type):
+            out = F.linear(x, block[:, :n], bias)  # (..., m + r) = [W x + b, A x]
+            y, z = out[..., :m], out[..., m:].contiguous()
+            acc = torch.promote_types(x.dtype, R.dtype)
+            u = (F.linear(z.to(acc), R.to(acc)) * scaling).to(x.dtype)
+            y.view(-1, m).addmm_(u.view(-1, r), block[:m, n:].t())  # y += u B^T
+        ctx.scaling = scaling
+        ctx.save_for_backward(z, block, R)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, block, R = ctx.saved_tensors
+        s = ctx.scaling
+        r = R.shape[0]
+        m, n = block.shape[0] - r, block.shape[1] - r
+        need_x, _, _, need_r, _ = ctx.needs_input_grad
+        grad_x = grad_r = None
+        with _no_autocast(g.device.type):
+            acc = torch.promote_types(z.dtype, R.dtype)
+            g2 = g.to(z.dtype).reshape(-1, m)
+            if need_x:
+                both = g2 @ block[:m]  # (tokens, n + r) = [g W, g B]: one GEMM
+                grad_x, gB = both[:, :n], both[:, n:]
+            else:
+                gB = g2 @ block[:m, n:]
+            if need_r:
+                grad_r = ((gB.to(acc).t() @ z.reshape(-1, r).to(acc)) * s).to(R.dtype)
+            if need_x:
+                v = ((gB.to(acc) @ R.to(acc)) * s).to(z.dtype)
+                grad_x = grad_x.addmm_(v, block[m:, :n]).view(*g.shape[:-1], n)  # g W + v A
+        return grad_x, None, None, grad_r, None
+
+
 class XSLinear(nn.Module):
     """Wraps a frozen target layer: y = base(x) + scaling * B @ R @ A @ x.
 
@@ -84,6 +146,7 @@ class XSLinear(nn.Module):
         R: Tensor | None = None,
         init_std: float = 1e-5,
         generator: torch.Generator | None = None,
+        fuse: bool = True,
     ) -> None:
         super().__init__()
         if not is_linear(base):
@@ -95,7 +158,8 @@ class XSLinear(nn.Module):
         self.base = base
         base.requires_grad_(False)
         self.scaling = float(scaling)
-        like = {"device": w.device, "dtype": w.dtype}
+        # The compute dtype, not a quantized weight's int8 / packed uint8 (linear.compute_dtype).
+        like = {"device": w.device, "dtype": compute_dtype(base)}
         self.register_buffer("A", A.detach().to(**like).contiguous(), persistent=False)
         self.register_buffer("B", B.detach().to(**like).contiguous(), persistent=False)
         r = A.shape[0]
@@ -106,6 +170,14 @@ class XSLinear(nn.Module):
         else:
             r0 = R.detach().to(torch.float32).clone()
         self.R = nn.Parameter(r0.to(w.device))
+        # The block [[W, B], [A, 0]] when fused (a plain attribute, not a buffer: the base weight, A and
+        # B are its views, and a model.to() that moves them apart is noticed and the block rebuilt on
+        # the next forward).
+        self.fuse = bool(fuse)
+        self._fused: Tensor | None = None
+        self._fused_bias: Tensor | None = None
+        if self.fuse and self.fusable():
+            self._build_fused()
 
     @property
     def rank(self) -> int:
@@ -127,7 +199,73 @@ class XSLinear(nn.Module):
         """s * B R A as float32 (m, n): what a merge adds to W."""
         return delta_weight(self.A, self.B, self.R, self.scaling)
 
+    # ------------------------------------------------------------------ the fused path
+
+    def fusable(self) -> bool:
+        """Whether this layer can run fused: a plain nn.Linear (not a subclass such as bitsandbytes'),
+        a dense floating weight (not a quantized tensor subclass or an FSDP2 DTensor), no hooks."""
+        base = self.base
+        weight = base.weight
+        return (
+            type(base) is nn.Linear
+            and type(weight.data) is torch.Tensor
+            and weight.dtype.is_floating_point
+            and weight.device.type != "meta"
+            and not (base._forward_hooks or base._forward_pre_hooks)
+        )
+
+    @property
+    def fused(self) -> bool:
+        """True while the base weight, A and B are views of one block matrix."""
+        k = self._fused
+        if k is None:
+            return False
+        m, n = self.out_features, self.in_features
+        return (
+            self.base.weight.data_ptr() == k.data_ptr()
+            and self.A.data_ptr() == k[m:, :n].data_ptr()
+            and self.B.data_ptr() == k[:m, n:].data_ptr()
+            and self.base.weight.dtype == k.dtype
+        )
+
+    def _build_fused(self) -> None:
+        w, m, n, r = self.base.weight, self.out_features, self.in_features, self.rank
+        with torch.no_grad():
+            block = w.new_zeros((m + r, n + r))
+            block[:m, :n] = w
+            block[:m, n:] = self.B
+            block[m:, :n] = self.A
+            w.data = block[:m, :n]
+            self.A, self.B = block[m:, :n], block[:m, n:]
+            bias = self.base.bias
+            self._fused_bias = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(r)])
+        self._fused = block
+
+    def unfuse(self) -> None:
+        """Give the base weight, A and B their own (contiguous) storage again (remove() does it)."""
+        if self.fused:
+            self.base.weight.data = self.base.weight.data.contiguous().clone()
+            self.A, self.B = self.A.contiguous().clone(), self.B.contiguous().clone()
+        self._fused = self._fused_bias = None
+
+    def _use_fused(self, x: Tensor) -> bool:
+        if not self.fuse:
+            return False
+        if not self.fused:
+            if not self.fusable():
+                return False
+            self._build_fused()  # first use after a model.to() / .half() moved the views apart
+        dtype = self._fused.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast would run the base GEMM in its dtype: fuse only when that is the weights' own.
+            return torch.get_autocast_dtype(x.device.type) == dtype
+        return x.dtype == dtype and x.device == self._fused.device
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._use_fused(x):
+            return _FusedXSFunction.apply(
+                x.to(self._fused.dtype), self._fused, self._fused_bias, self.R, self.scaling
+            )
         y = self.base(x)
         # Follow the base output's dtype (it differs from x and A under autocast).
         dt = y.dtype
@@ -137,13 +275,13 @@ class XSLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, scaling={self.scaling:g}"
+            f"rank={self.rank}, scaling={self.scaling:g}, fused={self.fused}"
         )
 
 
 def _check_factor_shapes(name: str, base: nn.Module, A: Tensor, B: Tensor, R: Tensor | None) -> None:
     """Shapes must match the layer; a mismatch means factors computed for another model."""
-    m, n = weight_matrix(base).shape
+    m, n = weight_shape(base)  # the declared sizes: a quantized weight may be packed
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != n or B.shape[0] != m or B.shape[1] != A.shape[0]:
         raise IncompatibleError(
             f"factors for {name} do not fit its ({m}, {n}) weight: A is {tuple(A.shape)}, "
@@ -226,10 +364,20 @@ def remove(model: nn.Module) -> dict[str, Tensor]:
     modules = dict(model.named_modules())
     out: dict[str, Tensor] = {}
     for name, xs in found.items():
+        xs.unfuse()
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name], child, xs.base)
         out[name] = xs.R.detach().float().clone()
     return out
+
+
+def set_fused(model: nn.Module, fuse: bool) -> None:
+    """Switch the fused path on or off in every LoRA-XS layer of `model` (off: the base weight, A and B
+    get their own storage back). train/fsdp.py switches it off: FSDP2 owns the weights' storage."""
+    for xs in xs_modules(model).values():
+        xs.fuse = bool(fuse)
+        if not fuse:
+            xs.unfuse()
 
 
 def xs_modules(model: nn.Module) -> dict[str, XSLinear]:

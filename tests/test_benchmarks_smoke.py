@@ -31,7 +31,8 @@ def test_train_step_measures_every_variant():
     result = run_script("bench_train_step.py", "--quick", "--threads", "1", "--json")
     doc = json.loads(result.stdout)
     rows = {row["variant"]: row for row in doc["rows"]}
-    assert list(rows) == ["base", "loraxs", "lora", "psoft"]
+    assert list(rows) == ["base", "loraxs", "unfused", "lora", "psoft"]
+    assert rows["unfused"]["trainable_params"] == rows["loraxs"]["trainable_params"]
     if "skipped" in rows["psoft"]:  # an older PEFT: the reason is printed instead of a row
         assert "PsoftConfig" in rows["psoft"]["skipped"] and "skipped" in result.stderr
         del rows["psoft"]
@@ -113,3 +114,24 @@ def test_multi_adapter_benchmark_prints_both_phases():
         times = [float(part.split()[1]) for part in line.split(": ", 1)[1].split(", ")]
         assert len(times) == 5 and all(t > 0 for t in times), line  # base, shared, multi, naive, loop
     assert result.stdout.count("multi vs base") == 2
+
+
+def test_gpu_check_cpu_variant_runs_every_section():
+    """benchmarks/gpu_check.sh --cpu: every correctness check and benchmark at CPU sizes, one JSON document;
+    the GPU targets are not judged on the CPU."""
+    script = BENCHMARKS / "gpu_check.sh"
+    result = subprocess.run(["bash", str(script), "--cpu"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    assert doc["mode"] == "cpu" and doc["targets"] is None and doc["all_checks_ok"] is True
+    sections = {"correctness.layer", "correctness.checkpointing", "correctness.init_device",
+                "correctness.merge_verify", "train_step", "svd", "multi"}  # fmt: skip
+    assert set(doc["results"]) == sections
+    assert all(section["ok"] for section in doc["results"].values()), doc["results"]
+    layer = doc["results"]["correctness.layer"]
+    assert layer["fused"]["path_fused"] is True and layer["unfused"]["path_fused"] is False
+    assert layer["max_error"] <= layer["tolerance"]
+    assert doc["results"]["correctness.checkpointing"]["recomputed"] is True
+    assert doc["results"]["correctness.init_device"]["bitwise_equal"] is True
+    assert 0 < doc["results"]["train_step"]["flop_floor"] < 1
+    assert doc["results"]["svd"]["matrices"] == 14 and doc["results"]["multi"]["decode_vs_shared"] > 0

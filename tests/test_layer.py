@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.pytorch_utils import Conv1D
 
 from loraxs_cli.errors import BadInputError, IncompatibleError
-from loraxs_cli.layer import XSLinear, _XSFunction, inject, remove, xs_modules
+from loraxs_cli.layer import XSLinear, _XSFunction, inject, remove, set_fused, xs_modules
 
 
 def svd_factors(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,3 +308,108 @@ def test_bad_names():
     inject(model, factors, 1.0)
     with pytest.raises(BadInputError, match="already has"):
         inject(model, factors, 1.0)
+
+
+# ----------------------------------------------------------------------------- the fused [W; A] path
+
+
+def test_gradcheck_fused_function():
+    from loraxs_cli.layer import _FusedXSFunction
+
+    g = torch.Generator().manual_seed(0)
+    r, n, m = 3, 5, 4
+    x = torch.randn(2, 3, n, dtype=torch.float64, generator=g, requires_grad=True)
+    block = torch.randn(m + r, n + r, dtype=torch.float64, generator=g)  # [[W, B], [A, 0]]
+    block[m:, n:] = 0
+    bias = torch.randn(m + r, dtype=torch.float64, generator=g)
+    bias[m:] = 0  # the layer pads the base's bias with zeros for the A x rows
+    R = torch.randn(r, r, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, R: _FusedXSFunction.apply(x, block, bias, R, 0.7), (x, R))
+    # the same function as the plain formula on W, A, B taken from the block
+    W, A, B = block[:m, :n], block[m:, :n], block[:m, n:]
+    expected = x @ W.T + bias[:m] + 0.7 * x @ A.T @ R.T @ B.T
+    torch.testing.assert_close(_FusedXSFunction.apply(x, block, bias, R, 0.7), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_matches_unfused(dtype, bias):
+    n, m, r, s = 24, 20, 6, 0.5
+    base = make_base("linear", n, m, dtype)
+    if not bias:
+        base.bias = None
+    A, B = svd_factors(base.weight.double(), r)
+    fused = XSLinear(base, A, B, s, R=rand_r(r))
+    assert fused.fused and "fused=True" in repr(fused)
+    # the base weight and A are views of one matrix: no extra copy of W is held
+    assert fused.base.weight.data_ptr() == fused._fused.data_ptr()
+    plain = XSLinear(make_base("linear", n, m, dtype), A, B, s, R=rand_r(r), fuse=False)
+    if not bias:
+        plain.base.bias = None
+    assert not plain.fused
+
+    x = torch.randn(3, 7, n, generator=torch.Generator().manual_seed(3)).to(dtype)
+    go = torch.randn(3, 7, m, generator=torch.Generator().manual_seed(4)).to(dtype)
+    outs = []
+    for layer in (fused, plain):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(go)
+        outs.append((y.detach(), xi.grad, layer.R.grad))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for ours, theirs in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(
+            ours.double(), theirs.double(), rtol=tol, atol=tol * theirs.abs().max().item()
+        )
+
+
+def test_fused_follows_model_moves_and_switches_off():
+    base = make_base("linear", 16, 12, torch.float32)
+    A, B = svd_factors(base.weight, 4)
+    layer = XSLinear(base, A, B, 1.0, R=rand_r(4))
+    x = torch.randn(5, 16)
+    expected = layer(x).detach()
+    layer.to(torch.float64)  # moves the weight and A apart: rebuilt on the next forward
+    assert not layer.fused
+    torch.testing.assert_close(layer(x.double()).float(), expected, rtol=1e-5, atol=1e-5)
+    assert layer.fused and layer._fused.dtype == torch.float64
+    holder = nn.Sequential(layer)
+    set_fused(holder, False)
+    assert not layer.fused and layer.base.weight.untyped_storage().nbytes() == 12 * 16 * 8
+    torch.testing.assert_close(layer(x.double()).float(), expected, rtol=1e-5, atol=1e-5)
+    assert not layer.fused  # stays off
+
+
+def test_what_is_not_fused():
+    conv = make_base("conv1d", 8, 6, torch.float32)
+    A, B = svd_factors(conv.weight.t(), 2)
+    assert not XSLinear(conv, A, B, 1.0).fused  # Conv1D keeps the unfused path
+
+    class Subclass(nn.Linear):  # a quantized Linear (bitsandbytes) is a subclass of nn.Linear
+        pass
+
+    sub = Subclass(8, 6)
+    A, B = svd_factors(sub.weight, 2)
+    assert not XSLinear(sub, A, B, 1.0).fused
+    hooked = nn.Linear(8, 6)
+    hooked.register_forward_hook(lambda *args: None)
+    assert not XSLinear(hooked, A, B, 1.0).fused
+    plain = nn.Linear(8, 6)
+    layer = XSLinear(plain, A, B, 1.0)
+    x = torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast to another dtype: the unfused path
+        assert layer(x).dtype == torch.bfloat16
+    assert layer(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_saves_only_z(dtype):
+    tokens, n, r = 512, 1024, 16
+    base = nn.Linear(n, n).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    layer = XSLinear(base, torch.randn(r, n, generator=g), torch.randn(n, r, generator=g), 1.0)
+    assert layer.fused
+    x = torch.randn(2, tokens // 2, n, dtype=dtype, requires_grad=True)
+    saved, seen = _saved_activation_bytes(layer, x, layer)
+    assert all(s[-1] != n for s, _ in seen), seen  # nothing of x's or the output's size
+    assert saved <= tokens * r * x.element_size() + 1024

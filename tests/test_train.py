@@ -327,8 +327,10 @@ def test_torchrun_two_processes_match_one(tiny_llama_dir, lm_data, tmp_path):
     )
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = final_R(tmp_path / "one"), final_R(tmp_path / "two")
+    # R's entries are ~1e-2 after 4 steps at lr 1e-2; AdamW's normalised step turns float noise in a
+    # near-zero gradient (other GEMM shapes at batch 2 than at 4) into differences of a few 1e-6.
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     la = [r["loss"] for r in metrics(tmp_path / "one") if "loss" in r]
     lb = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
     assert la == pytest.approx(lb, rel=1e-5)
