@@ -48,7 +48,7 @@ def test_smollm2_learns_on_a_quantized_base_and_merges_into_full_precision(
     before = loraxs_json("eval", smollm2_path, "--data", held_out, "--task", "causal-lm", "--max-length", 64,
                          "--quantize", kind)["results"][0]  # fmt: skip
     run = loraxs_json("train", smollm2_path, "--data", bbc_text[0], "--eval-data", held_out, "--out",
-                      tmp_path / "run", *RECIPE, "--batch-size", 2, "--max-steps", 20, "--lr", "5e-3",
+                      tmp_path / "run", *RECIPE, "--batch-size", 4, "--max-steps", 20, "--lr", "5e-3",
                       "--save-every", 0, "--quantize", kind)  # fmt: skip
     print(f"\n{kind}: held-out loss {before['loss']:.4f} -> {run['eval']['loss']:.4f} in {run['seconds']} s")
     assert run["eval"]["loss"] < before["loss"] - MARGIN[kind], (before, run["eval"])
