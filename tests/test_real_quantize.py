@@ -40,7 +40,8 @@ def held_out(bbc_text, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.xdist_group("smollm2-text")
+# Not in the "smollm2-text" group: it needs none of that group's shared runs (its own factors, in its
+# worker's session cache), and that group is the suite's longest pole.
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_smollm2_learns_on_a_quantized_base_and_merges_into_full_precision(
     smollm2_path, bbc_text, held_out, in_real_home, tmp_path, kind
