@@ -21,7 +21,6 @@ activations + optimizer state. On CUDA, torch.cuda's allocated bytes the same wa
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import statistics
@@ -32,29 +31,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]  # loraxs_cli, models_for_tests
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts"), str(ROOT / "benchmarks")]
+
+from bench_train_step import _settle, _status_bytes  # noqa: E402 - the RSS helpers, once
 
 VARIANTS = ("bf16", "int8", "nf4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROTOCOL = "@@bench "
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _settle() -> None:
-    """Collect garbage and give freed heap pages back (glibc) so that RSS shows what is held."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def model_dir(args) -> Path:
