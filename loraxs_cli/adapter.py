@@ -31,7 +31,7 @@ from .fingerprint import base_record
 from .fsutil import atomic_dir, loads_json, require_absent, require_regular_file
 from .layer import inject
 from .methods import method_of
-from .models import backbone
+from .models import backbone, cached_snapshot_repo
 from .paths import loraxs_home
 
 CONFIG_FILE = "loraxs_config.json"
@@ -98,6 +98,12 @@ class Adapter:
     R: dict[str, torch.Tensor]  # module -> (r, r) float32
     head: dict[str, torch.Tensor] = field(default_factory=dict)  # param name -> tensor
     factors: dict[str, dict[str, torch.Tensor]] | None = None  # embedded factors, if any
+    origin: str | None = None  # the Hub id it was read from (ORG/NAME[@REV]), path being its snapshot
+
+    @property
+    def label(self) -> str:
+        """How messages name it: its Hub id, else its path."""
+        return self.origin or str(self.path)
 
     @property
     def num_params(self) -> int:
@@ -179,7 +185,8 @@ def save_adapter(
         if flat is not None:
             save_file(flat, str(tmp / EMBEDDED_FACTORS_FILE), metadata={"format": "loraxs-factors"})
         (tmp / CONFIG_FILE).write_text(config.to_json())
-        (tmp / CARD_FILE).write_text(card or default_card(config))
+        head_params = sum(t.numel() for t in (head or {}).values())
+        (tmp / CARD_FILE).write_text(card or default_card(config, head_params=head_params))
     return out
 
 
@@ -288,7 +295,7 @@ def check_base(adapter: Adapter, fingerprint: str, spec: str) -> None:
     expected = adapter.config.base.get("fingerprint")
     if expected != fingerprint:
         raise IncompatibleError(
-            f"adapter {adapter.path} was trained on base {adapter.config.base.get('spec')!r} "
+            f"adapter {adapter.label} was trained on base {adapter.config.base.get('spec')!r} "
             f"(fingerprint {expected}), not on {spec!r} (fingerprint {fingerprint})"
         )
 
@@ -305,14 +312,14 @@ def adapter_factors(adapter: Adapter, cache=None) -> dict[str, dict[str, torch.T
     entry = cache.get(wanted.get("id", ""))
     if entry is None:
         raise MissingFactorsError(
-            f"factors {wanted.get('id')} of adapter {adapter.path} are not in the cache "
+            f"factors {wanted.get('id')} of adapter {adapter.label} are not in the cache "
             f"(LORAXS_HOME={loraxs_home()}); run `{recompute_command(adapter.config)}` to recompute them "
             f"(the same recipe gives the same factors{_sb_data_note(adapter.config)}), or use an adapter "
             "saved with --embed-factors"
         )
     if entry.sha256 != wanted.get("sha256"):
         raise IncompatibleError(
-            f"adapter {adapter.path} was trained on factor set {wanted.get('id')} with sha256 "
+            f"adapter {adapter.label} was trained on factor set {wanted.get('id')} with sha256 "
             f"{str(wanted.get('sha256'))[:12]}, but the cache holds {entry.sha256[:12]} under that id"
         )
     return entry.load(rank, adapter.config.modules)
@@ -335,11 +342,12 @@ def targets_spec(modules: list[str], all_modules=None) -> str:
 _DTYPE_FLAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def recompute_command(config: AdapterConfig) -> str:
-    """The `loraxs init` command that recomputes this adapter's factor set (the recipe it recorded)."""
+def recompute_command(config: AdapterConfig, spec: str | None = None) -> str:
+    """The `loraxs init` command that recomputes this adapter's factor set (the recipe it recorded), for
+    the base `spec` (default: its hub id, else the spec it was given as)."""
     factors = config.factors
     recipe = factors.get("recipe") or {}
-    spec = config.base.get("repo_id") or config.base.get("spec")
+    spec = spec or config.base.get("repo_id") or config.base.get("spec")
     words = ["loraxs", "init", shlex.quote(str(spec)), "--rank", str(factors.get("r_max") or config.rank)]
     words += ["--targets", shlex.quote(factors.get("targets") or ",".join(config.modules))]
     svd = recipe.get("svd") or {}
@@ -365,47 +373,129 @@ def _sb_data_note(config: AdapterConfig) -> str:
     return method.data_note(method.record(extra))
 
 
-def card_base_name(base: dict) -> tuple[str, bool]:
-    """How a model card names the base: its hub repo id, else the local directory's (or GGUF file's)
-    name, never an absolute local path; the flag says it is a local model."""
+def hub_base(base: dict) -> tuple[str, str | None] | None:
+    """(repo id, commit) of the base on the Hugging Face Hub, or None when none is known: the id the
+    base was resolved from, the repo of a huggingface_hub cache snapshot it was given as a path (also
+    read from the spec of adapters older than `hub_id`), never a local path."""
     if base.get("repo_id"):
-        return str(base["repo_id"]), False
+        return str(base["repo_id"]), base.get("commit")
+    if base.get("hub_id"):
+        return str(base["hub_id"]), base.get("hub_commit")
+    spec = base.get("spec")
+    return cached_snapshot_repo(str(spec).rstrip("/\\")) if spec else None
+
+
+def card_base_name(base: dict) -> tuple[str, bool]:
+    """How a model card names the base: its hub repo id (hub_base), else the local directory's (or GGUF
+    file's) name, never an absolute local path; the flag says no hub id is known."""
+    hub = hub_base(base)
+    if hub:
+        return hub[0], False
     spec = str(base.get("spec") or "unknown")
     return Path(spec.rstrip("/\\")).name or spec, True
 
 
+# The Hub's task ids (pipeline_tag) for loraxs's tasks.
+HUB_TASKS = {
+    "causal-lm": "text-generation",
+    "preference": "text-generation",
+    "seq-cls": "text-classification",
+    "regression": "text-classification",
+}
+# The front matter's keys in the order a reader expects them (huggingface_hub keeps a card's order).
+_FRONT_MATTER_ORDER = [
+    "base_model",
+    "base_model_relation",
+    "library_name",
+    "pipeline_tag",
+    "tags",
+    "datasets",
+    "model-index",
+]
+
+
+def card_data(
+    base: dict,
+    tags: Sequence[str],
+    library: str | None = None,
+    *,
+    relation: str | None = None,
+    pipeline_tag: str | None = None,
+    datasets: list[str] | None = None,
+    eval_results: list | None = None,
+    model_name: str | None = None,
+):
+    """The model card metadata (huggingface_hub.ModelCardData) of every card loraxs writes (adapter,
+    merged model, PEFT export): `base_model` only as a hub id (hub_base), never a local path."""
+    from huggingface_hub import ModelCardData
+
+    hub = hub_base(base)
+    return ModelCardData(
+        base_model=hub[0] if hub else None,
+        base_model_relation=relation if hub else None,
+        library_name=library,
+        pipeline_tag=pipeline_tag,
+        tags=list(tags),
+        datasets=datasets or None,
+        eval_results=eval_results or None,
+        model_name=model_name if eval_results else None,
+    )
+
+
+def render_card(data, body: str) -> str:
+    """A model card: the metadata as YAML front matter, then `body`. Parsed back by huggingface_hub's
+    ModelCard, which validates the metadata (a malformed model-index raises) and writes the text."""
+    from huggingface_hub import ModelCard
+
+    yaml = data.to_yaml(original_order=_FRONT_MATTER_ORDER)
+    return str(ModelCard(f"---\n{yaml}\n---\n\n{body}"))
+
+
 def card_front_matter(base: dict, tags: Sequence[str], library: str | None = None) -> list[str]:
-    """The YAML block that opens every model card loraxs writes (adapter, merged model, PEFT export):
-    library, base model (never a local path, card_base_name) and tags; then an empty line."""
-    name, local = card_base_name(base)
-    return [
-        "---",
-        *([f"library_name: {library}"] if library else []),
-        f"base_model: {name}" + ("  # local model, not a hub id" if local else ""),
-        f"tags: [{', '.join(tags)}]",
-        "---",
-        "",
-    ]
+    """The YAML block that opens a merged model's or a PEFT export's card (card_data): library, base
+    model (only as a hub id) and tags; then an empty line."""
+    yaml = card_data(base, tags, library).to_yaml(original_order=_FRONT_MATTER_ORDER)
+    return ["---", *yaml.splitlines(), "---", ""]
 
 
-def _describe_data(data: dict) -> str:
-    """The training data in words: `train.jsonl (240 rows, task seq-cls, sha256 0123456789ab)`."""
+def _share(value) -> str:
+    """0.1 -> "10%"."""
+    return f"{float(value) * 100:.4g}%"
+
+
+def _describe_data(data) -> str:
+    """The training data in words, never a local path (a file or directory is named by its name), e.g.
+    `train.jsonl (sha256 0123456789ab), 1,080 rows trained on, 120 held out (10%)` or `the Hugging Face
+    dataset org/name (config en, split train, revision main), 1,200 rows trained on`."""
     if not isinstance(data, dict):
         return str(data)
-    name = data.get("file") or Path(str(data.get("path", "?"))).name
-    facts = []
-    if data.get("rows"):
-        facts.append(f"{data['rows']:,} rows")
-    if data.get("examples") is not None and data.get("examples") != data.get("rows"):
-        facts.append(f"{data['examples']:,} examples")
-    if data.get("task"):
-        facts.append(f"task {data['task']}")
+    name = str(data.get("file") or Path(str(data.get("path", "?")).rstrip("/\\")).name)
+    kind = data.get("kind")
+    if data.get("id"):  # a dataset on the Hub, loaded through `datasets`
+        text, facts = f"the Hugging Face dataset {data['id']}", ("config", "split", "revision")
+    else:
+        saved = {"disk": "the saved dataset", "folder": "the dataset folder"}.get(kind)
+        text, facts = (f"{saved} {name}", ("split",)) if saved else (name, ())
+    where = [f"{key} {data[key]}" for key in facts if data.get(key)]
     if data.get("sha256"):
-        facts.append(f"sha256 {str(data['sha256'])[:12]}")
-    text = f"{name} ({', '.join(facts)})" if facts else name
-    if data.get("eval_examples"):
-        where = data.get("eval_data") or f"{data.get('eval_split'):g} of the rows held out"
-        text += f"; evaluated on {data['eval_examples']:,} examples ({where})"
+        where.append(f"sha256 {str(data['sha256'])[:12]}")
+    text += f" ({', '.join(where)})" if where else ""
+    if data.get("columns"):
+        columns = data["columns"]
+        mapped = ",".join(f"{k}={v}" for k, v in columns.items()) if isinstance(columns, dict) else columns
+        text += f", columns {mapped}"
+    if data.get("streaming"):
+        text += ", streamed"
+    if data.get("rows"):
+        text += f", {data['rows']:,} rows trained on"
+        if data.get("examples") is not None and data.get("examples") != data.get("rows"):
+            text += f" ({data['examples']:,} examples)"
+    held = data.get("eval_examples")
+    if data.get("eval_data"):
+        eval_name = Path(str(data["eval_data"]).rstrip("/\\")).name
+        text += f"; evaluated on {eval_name}" + (f" ({held:,} examples)" if held else "")
+    elif data.get("eval_split"):
+        text += f", {f'{held:,} ' if held else ''}held out ({_share(data['eval_split'])})"
     return text
 
 
@@ -417,51 +507,153 @@ _METRIC_NOTES = {
 }
 
 
+def _metric_note(key: str) -> str:
+    if key in _METRIC_NOTES:
+        return _METRIC_NOTES[key]
+    if key.startswith("eval_"):
+        return f"{key.removeprefix('eval_')} on the held-out data"
+    if key.startswith("best_"):
+        return f"{key.removeprefix('best_')} at the best step"
+    return ""
+
+
+def _eval_results(config: AdapterConfig, model_name: str) -> list:
+    """model-index entries (huggingface_hub.EvalResult) for the held-out metrics when the data is a Hub
+    dataset (model-index names a dataset by its hub id); a local file gets the table only."""
+    from huggingface_hub import EvalResult
+
+    data = config.extra.get("data")
+    metrics = config.extra.get("metrics") or {}
+    task = HUB_TASKS.get(config.task or "")
+    if not (isinstance(data, dict) and data.get("id") and task) or data.get("eval_data"):
+        return []
+    split = data.get("split") or "train"
+    name = f"{data['id']}" + (
+        f" ({_share(data['eval_split'])} of {split} held out)" if data.get("eval_split") else ""
+    )
+    return [
+        EvalResult(
+            task_type=task,
+            dataset_type=str(data["id"]),
+            dataset_name=name,
+            dataset_config=data.get("config"),
+            dataset_split=split,
+            dataset_revision=data.get("revision"),
+            metric_type=key.removeprefix("eval_"),
+            metric_value=value,
+        )
+        for key, value in metrics.items()
+        if key.startswith("eval_") and key != "eval_examples" and isinstance(value, int | float)
+    ]
+
+
 def trained_quantized(config: AdapterConfig) -> str | None:
     """The quantization of the base the adapter was trained on (`train --quantize`: int8, nf4), or None.
     Its factors are the full-precision base's either way."""
     return (config.extra.get("training") or {}).get("quantized")
 
 
-def default_card(config: AdapterConfig) -> str:
+_METHOD_LINKS = {
+    "xs": "[LoRA-XS](https://arxiv.org/abs/2405.17604)",
+    "sb": "[LoRA-SB](https://arxiv.org/abs/2411.19557)",
+}
+_METHOD_HOW = {
+    "xs": "the frozen factors B and A come from the truncated SVD of each target weight W, and ",
+    "sb": "the frozen factors B and A come from the approximated first step of full fine-tuning, and ",
+}
+
+
+def default_card(
+    config: AdapterConfig,
+    *,
+    head_params: int | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """The model card of an adapter (README.md, what `train` writes and `push` uploads): huggingface_hub
+    metadata (card_data; base_model only as a hub id, library_name, pipeline_tag, tags, datasets and a
+    model-index when the data is a Hub dataset), then the method, rank, targets, trainable numbers,
+    base, factors, data in words, a metrics table and how to use it. `repo_id`/`revision`: where it is
+    pushed (the usage names it); `head_params`: the numbers of its task head."""
+    embedded = EMBEDDED_FACTORS_FILE in config.tensors_sha256  # it holds its factors (save_adapter)
     base, local = card_base_name(config.base)
+    method = method_of(config.method)
+    title = method.title or f"LoRA-{config.method.upper()}"
     params = config.rank * config.rank * len(config.modules)
     metrics = config.extra.get("metrics") or {}
+    data = config.extra.get("data")
+    task = HUB_TASKS.get(config.task or "")
+    model_name = repo_id or f"{base}-{config.method}-r{config.rank}"
+    tags = ["loraxs", *method.adapter_tags, *([task] if task else [])]
+    if config.task == "regression":
+        tags.append("regression")
+    meta = card_data(
+        config.base,
+        tags,
+        "loraxs",
+        relation="adapter",
+        pipeline_tag=task,
+        datasets=[str(data["id"])] if isinstance(data, dict) and data.get("id") else None,
+        eval_results=_eval_results(config, model_name),
+        model_name=model_name,
+    )
+    hub = hub_base(config.base)
+    if local:
+        base_line = (
+            f"- base model: {base} (a local model: no Hugging Face Hub id is known for it, so this card "
+            "names no `base_model`)"
+        )
+    else:
+        commit = f", commit {hub[1][:12]}" if hub and hub[1] else ""
+        base_line = f"- base model: [{base}](https://huggingface.co/{base}) (Hugging Face Hub){commit}"
+    base_line += f", fingerprint {config.base.get('fingerprint')}"
+    # the `--targets` value recorded; older records: the modules' last names, not hundreds of full names
+    names = sorted({m.rsplit(".", 1)[-1] for m in config.modules})
+    targets = config.factors.get("targets") or ",".join(names)
+    trainable = f"{params:,} in R ({len(config.modules)} modules x {config.rank}x{config.rank})"
+    if head_params:
+        trainable += f" + {head_params:,} in the task head"
     lines = [
-        *card_front_matter(config.base, ("loraxs", *method_of(config.method).adapter_tags), "loraxs"),
-        f"# LoRA-{config.method.upper()} adapter for {base}",
+        f"# {title} adapter for {base}",
         "",
-        f"- method: LoRA-{config.method.upper()}, rank {config.rank}, alpha {config.alpha:g} "
-        f"(scaling {config.scaling:g})",
-        f"- trainable numbers: {params:,} ({len(config.modules)} modules x {config.rank}x{config.rank})",
+        f"A {_METHOD_LINKS.get(config.method, title)} adapter, trained with loraxs: "
+        f"{_METHOD_HOW.get(config.method, '')}only an r x r matrix R between them is trained per target "
+        "module (h = W x + s B R A x).",
+        "",
+        f"- method: {title}, rank {config.rank}, alpha {config.alpha:g} (scaling {config.scaling:g})",
+        f"- target modules: {targets} ({len(config.modules)} modules)",
+        f"- trainable numbers: {trainable}",
         f"- task: {config.task or 'none'}"
         + (f", labels: {', '.join(config.labels)}" if config.labels else ""),
-        f"- base model: {base}"
-        + (" (local model)" if local else " (Hugging Face Hub)")
-        + f", fingerprint {config.base.get('fingerprint')}",
-        f"- factor set: {config.factors.get('id')} (sha256 {str(config.factors.get('sha256'))[:12]})",
+        base_line,
+        f"- factor set: {config.factors.get('id')} (sha256 {str(config.factors.get('sha256'))[:12]})"
+        + (", embedded in factors.safetensors" if embedded else ""),
     ]
-    if config.extra.get("data"):
-        lines.append(f"- training data: {_describe_data(config.extra['data'])}")
+    if data:
+        lines.append(f"- training data: {_describe_data(data)}")
     if trained_quantized(config):
         lines.append(
             f"- trained on the base quantized to {trained_quantized(config)} (`--quantize`); the factors are "
             "the full-precision base's, so the adapter also runs on (and merges into) the full-precision base"
         )
     if metrics:
-        lines += ["", "## Metrics", ""]
-        for key, value in metrics.items():
-            note = _METRIC_NOTES.get(key) or (
-                f"{key.removeprefix('eval_')} on the held-out data" if key.startswith("eval_") else None
-            )
-            lines.append(f"- {key}: {value}" + (f" ({note})" if note else ""))
+        lines += ["", "## Metrics", "", "| metric | value | what it measures |", "|---|---|---|"]
+        lines += [f"| {key} | {value} | {_metric_note(key)} |" for key, value in metrics.items()]
+    where = f"{repo_id}@{revision}" if repo_id and revision else repo_id or "ADAPTER_DIR"
+    base_arg = base if not local else "BASE_DIR"
+    lines += ["", "## Use", "", "```bash"]
+    if not embedded:  # R only: the factors are recomputed from the base, once, by the same recipe
+        lines.append(f"{recompute_command(config, base_arg)}   # the frozen factors, once")
+    lines += [f"loraxs eval {base_arg} -a {where} --data test.jsonl", "```", ""]
+    note = "" if embedded else _sb_data_note(config).removeprefix("; ")
+    if note:
+        lines += [f"In the `loraxs init` line, {note}.", ""]
     lines += [
-        "",
-        "This directory is not a PEFT LoRA: load it with `loraxs`, or export it with",
+        "This is not a PEFT LoRA: load it with `loraxs`, or export it with",
         "`loraxs convert ADAPTER --to peft-lora --out DIR`.",
         "",
     ]
-    return "\n".join(lines)
+    return render_card(meta, "\n".join(lines))
 
 
 def apply_adapter(model: torch.nn.Module, adapter: Adapter, cache=None) -> dict:

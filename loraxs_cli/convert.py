@@ -34,7 +34,14 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.models.auto import modeling_auto
 
-from .adapter import AdapterConfig, adapter_factors, card_front_matter, new_config, save_adapter
+from .adapter import (
+    AdapterConfig,
+    adapter_factors,
+    card_front_matter,
+    hub_base,
+    new_config,
+    save_adapter,
+)
 from .errors import BadInputError, IncompatibleError, UsageError
 from .fingerprint import base_record
 from .fsutil import atomic_dir, check_output, loads_json
@@ -51,6 +58,7 @@ LABEL_MAP = "label_map.json"  # id2label / label2id of an exported classifier (P
 RECONSTR_CONFIG = "reconstr_config.json"  # the official code's settings, beside or above the adapter
 _PEFT_TASK = {
     "causal-lm": "CAUSAL_LM",
+    "preference": "CAUSAL_LM",  # a DPO-tuned language model
     "seq-cls": "SEQ_CLS",
     "regression": "SEQ_CLS",
     None: "FEATURE_EXTRACTION",
@@ -75,7 +83,7 @@ def head_prefix(model_type: str, task: str | None) -> str:
         return ""
     names = (
         modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        if task == "causal-lm"
+        if task in ("causal-lm", "preference")
         else modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
     )
     cls = getattr(transformers, names.get(model_type, ""), None)
@@ -117,7 +125,7 @@ def export_peft(
     alpha = cfg.scaling * rank  # keeps s = alpha / r whatever the padded rank
     fields = {
         "task_type": _PEFT_TASK.get(cfg.task, "FEATURE_EXTRACTION"),
-        "base_model_name_or_path": cfg.base.get("repo_id") or cfg.base.get("spec"),
+        "base_model_name_or_path": (hub_base(cfg.base) or [cfg.base.get("spec")])[0],
         "r": rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "target_modules": sorted(cfg.modules),

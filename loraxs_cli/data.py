@@ -9,8 +9,10 @@ text for language modelling). Fields per task:
                 {"text"}                 loss on every token (long texts are cut into blocks)
     seq-cls     {"text", "label"} or {"text_a", "text_b", "label"}; label a string or an int (1.0 is 1)
     regression  the same with a float label
+    preference  {"prompt", "chosen", "rejected"} texts or messages (preference.py: DPO)
 
-Every problem with a row is a BadInputError that names the file and the line.
+Every problem with a row is a BadInputError that names the file and the line. Arrow files, `datasets`
+directories, hub dataset ids, --columns and the alpaca / ShareGPT layouts: datasources.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,8 @@ import torch
 from .errors import BadInputError, UsageError
 from .fsutil import require_regular_file
 
-TASKS = ("causal-lm", "seq-cls", "regression")
+TASKS = ("causal-lm", "seq-cls", "regression", "preference")
+LM_TASKS = ("causal-lm", "preference")  # trained through the model's language-model head, no task head
 CHAT_LOSS = ("all", "last")  # which assistant turns of a chat carry the loss
 IGNORE_INDEX = -100
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a single row larger than this is not data, it is an accident
@@ -63,26 +66,27 @@ def file_sha256(path: str | Path) -> str:
 
 def read_rows(path: str | Path) -> list[Row]:
     """Every row of a data file, with its location; an empty file is an error."""
-    path = require_regular_file(path, "data file")  # a FIFO would block forever
-    suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv}
-    if suffix == ".parquet":
-        rows = _read_parquet(path)
-    elif suffix == ".txt":
-        rows = _read_text(path)
-    elif suffix in readers:
-        rows = readers[suffix](path)
-    else:
-        raise BadInputError(
-            f"{path}: unknown data format {suffix or '(none)'}; use .jsonl, .csv, .parquet or .txt"
-        )
+    rows = list(iter_rows(path))
     if not rows:
         raise BadInputError(f"{path}: no rows")
     return rows
 
 
-def _read_jsonl(path: Path) -> list[Row]:
-    rows = []
+def iter_rows(path: str | Path) -> Iterator[Row]:
+    """The rows of a data file one at a time, read lazily (train --streaming: a file larger than memory)."""
+    path = require_regular_file(path, "data file")  # a FIFO would block forever
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv,
+               ".parquet": _read_parquet, ".txt": _read_text}  # fmt: skip
+    if suffix not in readers:
+        raise BadInputError(
+            f"{path}: unknown data format {suffix or '(none)'}; use .jsonl, .csv, .parquet, .txt or .arrow, "
+            "a `datasets` directory or a hub dataset id"
+        )
+    return readers[suffix](path)
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
@@ -98,50 +102,61 @@ def _read_jsonl(path: Path) -> list[Row]:
                 raise BadInputError(f"{where}: JSON nested too deeply to be a data row") from None
             if not isinstance(value, dict):
                 raise BadInputError(f"{where}: expected a JSON object, got {type(value).__name__}")
-            rows.append(Row(value, where))
-    return rows
+            yield Row(value, where)
 
 
-def _read_csv(path: Path) -> list[Row]:
+def _read_csv(path: Path) -> Iterator[Row]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     csv.field_size_limit(MAX_LINE_BYTES)
     try:
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8" export) is not part of the first column name
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle, delimiter=delimiter)
-            rows = []
             for row in reader:
                 where = f"{path}:{reader.line_num}"
                 if None in row or any(v is None for v in row.values()):
                     raise BadInputError(f"{where}: wrong number of columns (header: {reader.fieldnames})")
-                rows.append(Row(dict(row), where))
-            return rows
+                yield Row(dict(row), where)
     except UnicodeDecodeError as error:
         raise BadInputError(f"{path}: not UTF-8 text ({error})") from None
     except csv.Error as error:
         raise BadInputError(f"{path}: malformed CSV ({error})") from None
 
 
-def _read_parquet(path: Path) -> list[Row]:
+def _read_parquet(path: Path) -> Iterator[Row]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise BadInputError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    number = 0
     try:
-        records = pq.read_table(path).to_pylist()
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)  # one batch in memory at a time
+        for batch in batches:
+            for record in batch.to_pylist():
+                number += 1
+                yield Row(record, f"{path}:row {number}")
     except Exception as error:  # pyarrow raises several unrelated types for a bad file
         raise BadInputError(f"{path}: unreadable Parquet ({error})".splitlines()[0]) from None
-    return [Row(record, f"{path}:row {i + 1}") for i, record in enumerate(records)]
 
 
-def _read_text(path: Path) -> list[Row]:
+def _read_text(path: Path) -> Iterator[Row]:
+    # Paragraphs (blank-line separated) are the documents; tokenisation cuts long ones into blocks.
+    # Read in pieces, each split where the whole text would be split (at every "\n\n").
+    number, carry = 0, ""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig") as handle:
+            while True:
+                piece = handle.read(1 << 20)
+                parts = (carry + piece).split("\n\n")
+                carry = parts.pop() if piece else ""
+                for block in (b.strip() for b in parts + ([carry] if not piece else [])):
+                    if block:
+                        number += 1
+                        yield Row({"text": block}, f"{path}:paragraph {number}")
+                if not piece:
+                    return
     except UnicodeDecodeError as error:
         raise BadInputError(f"{path}: not UTF-8 text ({error})") from None
-    # Paragraphs (blank-line separated) are the documents; tokenisation cuts long ones into blocks.
-    blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
-    return [Row({"text": b}, f"{path}:paragraph {i + 1}") for i, b in enumerate(blocks)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,9 +257,16 @@ class Example:
     labels: list[int] | None = None  # causal-lm: per-token targets (IGNORE_INDEX = no loss)
     target: float | int | None = None  # seq-cls class index / regression value
     pair: list[int] | None = None  # token_type ids for text pairs (BERT)
+    # A packed row (packing.py, train --packing): several examples, each numbered from 0
+    position_ids: list[int] | None = None
+    # preference: the rejected sequence of the pair (input_ids and labels hold the chosen one)
+    rejected_ids: list[int] | None = None
+    rejected_labels: list[int] | None = None
 
     @property
     def num_targets(self) -> int:
+        if self.rejected_ids is not None:  # a pair is one term of the DPO loss
+            return 1
         if self.labels is not None:
             return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
         return 1
@@ -264,6 +286,10 @@ def encode(
     check_task(task)
     check_chat_loss(chat_loss)
     max_length = min(max_length, token_limit(tokenizer) or max_length)
+    if task == "preference":
+        from .preference import encode_pair
+
+        return [encode_pair(row, tokenizer, max_length) for row in rows]
     if task == "causal-lm":
         examples = []
         for row in rows:
@@ -521,7 +547,16 @@ def reference_answer(row: Row) -> str:
 
 
 def collate(examples: Sequence[Example], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Right-padded tensors for a forward pass with the loss computed by the caller."""
+    """Right-padded tensors for a forward pass with the loss computed by the caller.
+
+    Packed rows (packing.py) get `position_ids` and no `attention_mask`: transformers' masking_utils then
+    finds the examples from the position ids (each restart at 0 begins one) and masks attention across
+    them. Their pad tail is numbered from 0 too, a "sequence" of its own that no real token attends to.
+    Preference pairs: preference.collate_pairs (the chosen sequences, then the rejected ones)."""
+    if task == "preference":
+        from .preference import collate_pairs
+
+        return collate_pairs(examples, pad_id)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -529,6 +564,14 @@ def collate(examples: Sequence[Example], pad_id: int, task: str) -> dict[str, to
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[i, : len(e.input_ids)] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
+    if any(e.position_ids is not None for e in examples):
+        positions = torch.zeros_like(ids)
+        for i, e in enumerate(examples):
+            size = len(e.input_ids)
+            own = e.position_ids if e.position_ids is not None else range(size)
+            positions[i, :size] = torch.tensor(list(own))
+            positions[i, size:] = torch.arange(width - size)
+        batch = {"input_ids": ids, "position_ids": positions}
     if examples[0].pair is not None:
         types = torch.zeros_like(ids)
         for i, e in enumerate(examples):

@@ -19,6 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_sq
 from . import data as datamod
 from .adapter import apply_adapter
 from .data import Example, collate
+from .datasources import DataSpec, read_limited
 from .devices import parse_device
 from .errors import IncompatibleError, UsageError
 from .generate import generate_batched
@@ -27,6 +28,7 @@ from .layer import remove
 from .models import backbone, evaluating, head_kwargs, load_model, load_tokenizer
 from .multi import group_by_factors, load_multi
 from .objective import loss_sum, model_inputs
+from .preference import DEFAULT_BETA, PREFERENCE, evaluate_pairs
 from .quantize import require_backend
 from .sources import check_bases, load_adapters
 from .tasks import check_architecture, resolve_task
@@ -53,8 +55,15 @@ def evaluate_examples(
     device: torch.device | str = "cpu",
     autocast: Callable | None = None,
     on_batch: Callable[[int], None] | None = None,
+    beta: float = DEFAULT_BETA,
 ) -> dict[str, float]:
-    """Loss and perplexity (causal-lm); accuracy, macro-F1, MCC (seq-cls); correlations (regression)."""
+    """Loss and perplexity (causal-lm); accuracy, macro-F1, MCC (seq-cls); correlations (regression);
+    the DPO loss and rewards at `beta` (preference: preference.evaluate_pairs)."""
+    if task == PREFERENCE:
+        return evaluate_pairs(
+            model, examples, batch_size=batch_size, pad_id=pad_id, device=device, beta=beta,
+            autocast=autocast, on_batch=on_batch,
+        )  # fmt: skip
     scores = Accumulator(task)
     with evaluating(model):
         for chunk in by_length(examples, batch_size):
@@ -196,9 +205,19 @@ class EvalRequest:
     dtype: str = "auto"
     seed: int = 0
     quantize: str | None = None  # int8 | nf4: the base's linear layers quantized (quantize.py)
+    beta: float | None = None  # preference: DPO's beta; default the adapter's (training.beta), else 0.1
+    # How --data is read when it is a dataset (datasources.py), and --columns FIELD=COLUMN
+    data_config: str | None = None
+    data_split: str | None = None
+    data_revision: str | None = None
+    columns: str | None = None
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(self.data, self.data_config, self.data_split, self.data_revision, self.columns)
 
     def __post_init__(self) -> None:
         """Refuse a request no evaluation can run (a usage error, before anything is read)."""
+        self.data_spec()  # a malformed --columns
         if self.quantize is not None:  # an unknown kind, or bitsandbytes missing
             require_backend(self.quantize)
         counts = {"--batch-size": self.batch_size, "--max-length": self.max_length,
@@ -220,7 +239,7 @@ def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
     # Names need not be unique: a run's adapter/ and best/ are compared side by side.
     _, adapters = load_adapters(request.adapters, unique=False)
     check_bases(adapters, base, request.model)
-    rows = datamod.read_rows(request.data)[: request.limit or None]
+    rows = read_limited(request.data_spec(), request.limit)
     task = _eval_task(request, adapters, rows)
     check_architecture(task, base.config, request.model)
     labels = next((a.config.labels for a in adapters if a.config.labels), None) or datamod.label_names(
@@ -239,7 +258,7 @@ def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
     units = len(rows) if request.generate else len(examples)
     if on_start:
         on_start(units * max(len(adapters), 1))
-    if len(adapters) > 1:  # all adapters in one batched pass per factor set
+    if len(adapters) > 1 and task != PREFERENCE:  # all adapters in one batched pass per factor set
         run = _stacked_measure(request, rows, tokenizer, task) if measure else None
         if run is None:
             pad_id = datamod.pad_id_of(tokenizer)
@@ -264,11 +283,20 @@ def run_eval(request: EvalRequest, on_start=None, on_batch=None) -> list[dict]:
                 pad_id=datamod.pad_id_of(tokenizer),
                 device=device,
                 on_batch=on_batch,
+                beta=_beta(request, adapter),
             )
         results.append({"adapter": str(adapter.path) if adapter else None, "task": task, **metrics})
         if adapter is not None:
             remove(backbone(model))
     return results
+
+
+def _beta(request: EvalRequest, adapter) -> float:
+    """DPO's beta of a preference evaluation: --beta, else the one the adapter was trained with."""
+    if request.beta is not None:
+        return request.beta
+    trained = ((adapter.config.extra if adapter is not None else {}).get("training") or {}).get("beta")
+    return float(trained) if isinstance(trained, (int, float)) else DEFAULT_BETA
 
 
 def _eval_task(request: EvalRequest, adapters, rows) -> str:

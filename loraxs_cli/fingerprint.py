@@ -86,7 +86,10 @@ def fingerprint(resolved: ResolvedModel) -> str:
 
 def base_record(base) -> dict:
     """How adapters, factor sets and imports record their base (an initialize.BaseInfo): what the
-    user named, the cache slug, the fingerprint, the model type and, from the hub, repo and commit."""
+    user named, the cache slug, the fingerprint, the model type and, from the hub, repo and commit.
+    `hub_id`/`hub_commit` name the Hub repo also for a path into huggingface_hub's cache (a snapshot
+    directory), which resolves as a local directory: model cards name the base by it."""
+    hub = base.resolved.hub_source or (None, None)
     return {
         "spec": base.resolved.spec,
         "slug": base.slug,
@@ -94,4 +97,6 @@ def base_record(base) -> dict:
         "model_type": base.model_type,
         "repo_id": base.resolved.repo_id,
         "commit": base.resolved.commit,
+        "hub_id": hub[0],
+        "hub_commit": hub[1],
     }

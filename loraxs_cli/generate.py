@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .data import check_generation_fits, prompt_text, read_rows
+from .data import check_generation_fits, prompt_text
+from .datasources import DataSpec, read_rows
 from .devices import parse_device
 from .errors import BadInputError, IncompatibleError, UsageError
 from .initialize import describe_base
@@ -40,9 +41,18 @@ class GenerateRequest:
     device: str | None = None
     dtype: str = "auto"
     quantize: str | None = None  # int8 | nf4: the base's linear layers quantized (quantize.py)
+    # How --prompts is read when it is a dataset (datasources.py), and --columns FIELD=COLUMN
+    data_config: str | None = None
+    data_split: str | None = None
+    data_revision: str | None = None
+    columns: str | None = None
+
+    def prompts_spec(self) -> DataSpec:
+        return DataSpec(self.prompts, self.data_config, self.data_split, self.data_revision, self.columns)
 
     def __post_init__(self) -> None:
         """Refuse a request no generation can run (a usage error, before anything is read)."""
+        self.prompts_spec()  # a malformed --columns
         if self.quantize is not None:  # an unknown kind, or bitsandbytes missing
             require_backend(self.quantize)
         for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--batch-size", self.batch_size)):
@@ -63,7 +73,7 @@ def require_causal_lm(names: Sequence[str], adapters: Sequence) -> None:
     """Generation needs causal-LM adapters: a classifier or regressor adapter is refused (exit 4)."""
     for name, adapter in zip(names, adapters, strict=True):
         task = adapter.config.task
-        if task not in (None, "causal-lm") or adapter.config.head:
+        if task not in (None, "causal-lm", "preference") or adapter.config.head:  # data.LM_TASKS
             raise IncompatibleError(
                 f"adapter {name!r} ({adapter.path}) is a {task or 'task-head'} adapter: generation "
                 "needs a causal-lm adapter; measure it with `loraxs eval` instead"
@@ -71,7 +81,7 @@ def require_causal_lm(names: Sequence[str], adapters: Sequence) -> None:
 
 
 def read_prompts(
-    path: str, tokenizer, names: Sequence[str], max_new_tokens: int | None = None
+    path: str | DataSpec, tokenizer, names: Sequence[str], max_new_tokens: int | None = None
 ) -> list[tuple[int | None, str]]:
     """(adapter index or None, prompt text) per row; an unknown adapter name, or a prompt that with
     `max_new_tokens` passes the model's positions, is an error at its line."""
@@ -156,7 +166,7 @@ def run_generate(
     base = describe_base(request.model, dtype=request.dtype)
     names, adapters = load_named(request.adapters, base)
     tokenizer = load_tokenizer(base.resolved)
-    prompts = read_prompts(request.prompts, tokenizer, names, request.max_new_tokens)
+    prompts = read_prompts(request.prompts_spec(), tokenizer, names, request.max_new_tokens)
     if on_start:
         on_start(len(prompts))
     device = parse_device(request.device)

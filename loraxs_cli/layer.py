@@ -19,16 +19,24 @@ a dtype other than the weights', and `set_fused(model, False)`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import BadInputError, IncompatibleError
-from .linear import compute_dtype, delta_weight, is_linear, weight_matrix, weight_shape
+from .linear import (
+    compute_dtype,
+    delta_weight,
+    is_conv1d,
+    is_linear,
+    merge_delta,
+    weight_matrix,
+    weight_shape,
+)
 
-__all__ = ["XSLinear", "inject", "remove", "set_fused", "xs_modules"]
+__all__ = ["XSLinear", "adapters_disabled", "inject", "remove", "set_fused", "xs_modules"]
 
 
 def _no_autocast(device_type: str):
@@ -170,6 +178,9 @@ class XSLinear(nn.Module):
         else:
             r0 = R.detach().to(torch.float32).clone()
         self.R = nn.Parameter(r0.to(w.device))
+        # False: the layer computes base(x) alone, the base model exactly (`adapters_disabled`: the
+        # reference model of preference tuning, without a second copy of the base in memory).
+        self.enabled = True
         # The block [[W, B], [A, 0]] when fused (a plain attribute, not a buffer: the base weight, A and
         # B are its views, and a model.to() that moves them apart is noticed and the block rebuilt on
         # the next forward).
@@ -262,6 +273,8 @@ class XSLinear(nn.Module):
         return x.dtype == dtype and x.device == self._fused.device
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.base(x)
         if self._use_fused(x):
             return _FusedXSFunction.apply(
                 x.to(self._fused.dtype), self._fused, self._fused_bias, self.R, self.scaling
@@ -355,16 +368,26 @@ def inject(
     return injected
 
 
-def remove(model: nn.Module) -> dict[str, Tensor]:
+def remove(model: nn.Module, *, merge: bool = False) -> dict[str, Tensor]:
     """Put the original base modules back; return name -> R (detached float32 clone).
 
-    Parameters stay frozen (inject froze them): unfreezing is the caller's decision.
+    `merge`: fold each update into its base weight first, W' = W + s B R A (linear.merge_delta: float32,
+    cast back to W's dtype), so the model computes what it did with the adapter. Parameters stay frozen
+    (inject froze them): unfreezing is the caller's decision.
     """
     found = xs_modules(model)
+    if merge:
+        quantized = [name for name, xs in found.items() if not xs.base.weight.dtype.is_floating_point]
+        if quantized:
+            raise BadInputError(f"cannot merge into {quantized[0]}: its weight is quantized")
     modules = dict(model.named_modules())
     out: dict[str, Tensor] = {}
     for name, xs in found.items():
         xs.unfuse()
+        if merge:
+            with torch.no_grad():
+                weight = xs.base.weight
+                weight.data = merge_delta(weight, xs.A, xs.B, xs.R, xs.scaling, transposed=is_conv1d(xs.base))
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name], child, xs.base)
         out[name] = xs.R.detach().float().clone()
@@ -378,6 +401,21 @@ def set_fused(model: nn.Module, fuse: bool) -> None:
         xs.fuse = bool(fuse)
         if not fuse:
             xs.unfuse()
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Every LoRA-XS layer of `model` (wrapped by DDP or not) computes its base layer alone inside the
+    block, so the model is its base model; each layer's own setting is restored after."""
+    layers = list(xs_modules(model).values())
+    before = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, before, strict=True):
+            layer.enabled = enabled
 
 
 def xs_modules(model: nn.Module) -> dict[str, XSLinear]:

@@ -74,6 +74,22 @@ class ResolvedModel:
     def from_pretrained_kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
+    @property
+    def hub_source(self) -> tuple[str, str | None] | None:
+        """(repo id, commit) of the Hub repo these weights come from: the id they were resolved from,
+        or the one a Hugging Face cache snapshot directory names when given as a path; None for any
+        other local model (a model card then names no `base_model`)."""
+        if self.repo_id:
+            return self.repo_id, self.commit
+        if self.kind == "preset":
+            return None
+        spec = Path(self.spec).expanduser().absolute()
+        for path in (self.path, spec, spec.parent):
+            found = cached_snapshot_repo(path)
+            if found:
+                return found
+        return None
+
 
 @dataclass(frozen=True)
 class LinearInfo:
@@ -85,7 +101,24 @@ class LinearInfo:
     is_conv1d: bool
 
 
-def _hub_offline() -> bool:
+def cached_snapshot_repo(path: str | Path) -> tuple[str, str] | None:
+    """(repo id, commit) for a snapshot directory of huggingface_hub's cache,
+    `.../models--ORG--NAME/snapshots/COMMIT`, else None. The folder name is huggingface_hub's own
+    (file_download.repo_folder_name), read back as its scan_cache_dir does: the repo type, then the id
+    with `--` for `/` (the Hub allows no `--` in a name)."""
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH
+
+    parts = Path(path).parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not REGEX_COMMIT_HASH.fullmatch(parts[-1]):
+        return None
+    kind, _, name = parts[-3].partition("--")
+    if kind != "models" or not name:
+        return None
+    return name.replace("--", "/"), parts[-1]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set (read now, not at import as huggingface_hub does)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
@@ -139,7 +172,7 @@ def _resolve_hub(
     try:
         folder = download(local_only=True)
     except Exception as cached_error:
-        if _hub_offline():
+        if hub_offline():
             raise BadInputError(hub_problem(repo_id, revision, cached_error, offline=True)) from cached_error
         try:
             folder = download(local_only=False)
@@ -151,10 +184,20 @@ def _resolve_hub(
     return ResolvedModel(repo_id, "hub", folder_path, repo_id=repo_id, commit=folder_path.name)
 
 
-def hub_problem(repo_id: str, revision: str | None, error: Exception, *, offline: bool = False) -> str:
+def hub_problem(
+    repo_id: str,
+    revision: str | None,
+    error: Exception,
+    *,
+    offline: bool = False,
+    what: str = "model",
+    revision_flag: str = "--revision",
+    instead: str = "pass a local directory",
+) -> str:
     """One line for a hub id that huggingface_hub could not provide: the reason and the remedy.
 
-    Maps huggingface_hub's exception types; `offline` means HF_HUB_OFFLINE is set.
+    Maps huggingface_hub's exception types; `offline` means HF_HUB_OFFLINE is set. `what` names the
+    repo (a model, an adapter), `revision_flag` how the revision was given, `instead` the local way.
     """
     from huggingface_hub import constants
     from huggingface_hub.errors import (
@@ -172,37 +215,37 @@ def hub_problem(repo_id: str, revision: str | None, error: Exception, *, offline
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(error, GatedRepoError):
         return (
-            f"{repo_id} is a gated model: accept its conditions on its Hugging Face page, "
+            f"{repo_id} is a gated {what}: accept its conditions on its Hugging Face page, "
             "then log in with `hf auth login` (or set HF_TOKEN)"
         )
     if isinstance(error, RepositoryNotFoundError) or status == 401:
         return (
-            f"{repo_id}: no such model on the Hugging Face Hub; check the id "
-            "(a private model needs `hf auth login` or HF_TOKEN)"
+            f"{repo_id}: no such {what} on the Hugging Face Hub; check the id "
+            f"(a private {what} needs `hf auth login` or HF_TOKEN)"
         )
     if isinstance(error, RevisionNotFoundError):
-        return f"{repo_id}: no revision {revision!r} on the Hugging Face Hub; check --revision"
+        return f"{repo_id}: no revision {revision!r} on the Hugging Face Hub; check {revision_flag}"
     if isinstance(error, IncompleteSnapshotError):
         return (
             f"{repo_id}: the cached copy{at} is incomplete and the Hub cannot be reached; "
-            f"{download} again, or pass a local directory"
+            f"{download} again, or {instead}"
         )
     if offline or isinstance(error.__cause__, OfflineModeIsEnabled):
         return (
             f"{repo_id}: not in the Hugging Face cache{at} and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE "
-            f"to let it download, {download}, or pass a local directory (cache: {constants.HF_HUB_CACHE})"
+            f"to let it download, {download}, or {instead} (cache: {constants.HF_HUB_CACHE})"
         )
     if isinstance(error, LocalEntryNotFoundError):  # huggingface_hub's answer to a network failure
         cause = f" ({type(error.__cause__).__name__})" if error.__cause__ is not None else ""
         return (
             f"{repo_id}: not in the Hugging Face cache{at} and the Hub cannot be reached{cause}; check "
             f"the network or proxy, {download} on a machine that can and set HF_HUB_OFFLINE=1, "
-            "or pass a local directory"
+            f"or {instead}"
         )
     if isinstance(error, HfHubHTTPError):
-        return f"{repo_id}: the Hugging Face Hub answered HTTP {status}; try again later, or pass a directory"
+        return f"{repo_id}: the Hugging Face Hub answered HTTP {status}; try again later, or {instead}"
     reason = f"{type(error).__name__}: {error}".splitlines()[0]
-    return f"{repo_id}: the Hugging Face Hub could not provide it ({reason}); pass a local directory instead"
+    return f"{repo_id}: the Hugging Face Hub could not provide it ({reason}); {instead}"
 
 
 def weight_files(resolved: ResolvedModel) -> list[Path]:
@@ -467,7 +510,7 @@ def position_limit(config) -> int | None:
 
 def head_kwargs(task: str, labels: list[str] | None) -> dict:
     """load_model arguments for a task: the head class, and the label map of a classifier."""
-    if task == "causal-lm":
+    if task in ("causal-lm", "preference"):  # data.LM_TASKS: the language-model head, nothing new
         return {"head": "causal-lm"}
     # A base that is already a classifier for another label set gets a fresh head of the right size.
     fresh = {"head": "seq-cls", "ignore_mismatched_sizes": True}

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
 
-HIGHER_IS_BETTER = {"accuracy", "macro_f1", "mcc", "pearson", "spearman", "exact_match"}
+HIGHER_IS_BETTER = {"accuracy", "macro_f1", "mcc", "pearson", "spearman", "exact_match",
+                    "rewards/accuracies", "rewards/margins"}  # fmt: skip
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
@@ -29,8 +30,15 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[tor
 
 
 def model_inputs(batch: dict, device) -> dict:
-    """A collated batch without its labels, on `device`: the model's keyword arguments."""
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    """A collated batch without its labels, on `device`: the model's keyword arguments.
+
+    A packed batch (position_ids, no attention_mask) also gets use_cache=False: transformers looks for
+    packed examples in the position ids only without a cache (masking_utils._preprocess_mask_arguments),
+    and a model in training still makes one when its config says use_cache."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def default_metric(task: str) -> str:

@@ -2,23 +2,27 @@
 
 `--task` may be left out: rows with a `label` are classification (`seq-cls`, or `regression` when the
 labels are non-integer numbers), rows with `prompt`/`response`, `messages` or `text` are language
-modelling (`causal-lm`). A task given explicitly is checked against the rows, and every task against
-the model's architecture, from its config alone (before any weights are read or factors computed):
-an encoder such as BERT has no causal language-model head unless its config says `is_decoder`.
+modelling (`causal-lm`), rows with `chosen`/`rejected` are preference pairs (`preference`, DPO). A task
+given explicitly is checked against the rows, and every task against the model's architecture, from its
+config alone (before any weights are read or factors computed): an encoder such as BERT has no causal
+language-model head unless its config says `is_decoder`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .data import Row, check_task
+from .data import LM_TASKS, Row, check_task
 from .errors import BadInputError
+from .preference import is_pair_row
 
 LM_FIELDS = ("prompt", "response", "messages", "text")
 
 
 def infer_task(rows: Sequence[Row]) -> tuple[str, str]:
     """The task the rows are shaped for, and why (for the message that says so)."""
+    if any(is_pair_row(row.fields) for row in rows[:100]):
+        return "preference", "rows with chosen/rejected"
     labels = [row.fields["label"] for row in rows if row.fields.get("label") not in (None, "")]
     if not labels:
         kinds = sorted({f for row in rows[:100] for f in LM_FIELDS if f in row.fields}) or ["no label"]
@@ -57,6 +61,17 @@ def resolve_task(requested: str | None, rows: Sequence[Row], source: str) -> tup
     if requested is None:
         return inferred, reason
     check_task(requested)
+    if (requested == "preference") != (inferred == "preference"):
+        first = rows[0]
+        if requested == "preference":
+            raise BadInputError(
+                f"{first.where}: --task preference needs rows with 'chosen' and 'rejected' (and 'prompt'); "
+                f"these rows fit --task {inferred} (or leave --task out)"
+            )
+        raise BadInputError(
+            f"{first.where}: the rows are preference pairs (chosen/rejected), which --task {requested} "
+            "cannot use: use --task preference (or leave --task out)"
+        )
     labelled = next((row for row in rows if row.fields.get("label") not in (None, "")), None)
     if requested == "causal-lm" and labelled is not None:
         raise BadInputError(
@@ -100,7 +115,7 @@ def check_architecture(task: str, config, spec: str) -> None:
     )
 
     model_type = getattr(config, "model_type", None)
-    if task == "causal-lm":
+    if task in LM_TASKS:
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise BadInputError(
                 f"{spec}: a {model_type} model has no causal language-model head; "

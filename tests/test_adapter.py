@@ -246,3 +246,100 @@ def test_damaged_adapters_are_bad_input(trained, tmp_path):
         and result.stderr.count("\n") == 1
         and "damaged adapter weights" in result.stderr
     )
+
+
+# ----------------------------------------------------------------------------- the model card
+
+
+def _card_config(base: dict, data: dict, task: str = "seq-cls"):
+    """An adapter config as `train` records it (a held-out evaluation), without a model."""
+    from loraxs_cli.adapter import AdapterConfig
+
+    metrics = {"steps": 100, "train_loss": 0.31, "eval_loss": 0.2, "eval_accuracy": 0.9, "eval_examples": 120}
+    return AdapterConfig(
+        method="xs",
+        rank=8,
+        alpha=8.0,
+        modules=[f"layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")],
+        base={"spec": "x", "fingerprint": "0123456789abcdef", "repo_id": None, "commit": None, **base},
+        factors={
+            "id": "tiny--0123/xs-r8",
+            "sha256": "f" * 64,
+            "r_max": 8,
+            "method": "xs",
+            "targets": "q_proj,v_proj",
+        },
+        task=task,
+        labels=["neg", "pos"] if task == "seq-cls" else None,
+        extra={"data": data, "metrics": metrics},
+    )
+
+
+def test_card_names_the_base_by_hub_id_and_the_data_in_words(tmp_path):
+    """The card is huggingface_hub's ModelCard: its metadata reads back (model-index included when the
+    data is a Hub dataset), base_model is a hub id (from a cache snapshot path too) or left out."""
+    from huggingface_hub import ModelCard
+
+    from loraxs_cli.adapter import default_card
+
+    commit = "0" * 40
+    snapshot = f"{tmp_path}/hf/hub/models--org--base/snapshots/{commit}"
+    hub_data = {
+        "path": "org/reviews",
+        "kind": "hub",
+        "id": "org/reviews",
+        "config": "en",
+        "split": "train",
+        "rows": 1080,
+        "examples": 1080,
+        "eval_examples": 120,
+        "eval_split": 0.1,
+    }
+    card = ModelCard(
+        default_card(_card_config({"spec": snapshot}, hub_data), head_params=130, repo_id="me/r")
+    )
+    meta = card.data.to_dict()
+    assert (meta["base_model"], meta["base_model_relation"], meta["library_name"]) == (
+        "org/base",
+        "adapter",
+        "loraxs",
+    )
+    assert meta["pipeline_tag"] == "text-classification" and meta["datasets"] == ["org/reviews"]
+    assert {"loraxs", "lora-xs", "text-classification"} <= set(meta["tags"])
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert set(results) == {"loss", "accuracy"} and results["accuracy"].metric_value == 0.9
+    assert (results["loss"].dataset_type, results["loss"].dataset_config) == ("org/reviews", "en")
+    assert meta["model-index"][0]["name"] == "me/r"
+    text = card.text
+    assert str(tmp_path) not in card.content
+    assert (
+        "- training data: the Hugging Face dataset org/reviews (config en, split train), "
+        "1,080 rows trained on, 120 held out (10%)" in text
+    )
+    assert "- trainable numbers: 256 in R (4 modules x 8x8) + 130 in the task head" in text
+    assert "- target modules: q_proj,v_proj (4 modules)" in text
+    assert "| eval_accuracy | 0.9 | accuracy on the held-out data |" in text
+    assert "loraxs eval org/base -a me/r --data" in text
+
+    file_data = {
+        "path": f"{tmp_path}/data/train.jsonl",
+        "file": "train.jsonl",
+        "sha256": "ab" * 32,
+        "rows": 1080,
+    }
+    local = ModelCard(
+        default_card(
+            _card_config(
+                {"spec": f"{tmp_path}/models/mine"}, {**file_data, "eval_split": 0.1, "eval_examples": 120}
+            )
+        )
+    )
+    assert (
+        "base_model" not in local.data.to_dict() and local.data.eval_results is None
+    )  # a file: the table only
+    assert "- base model: mine (a local model: no Hugging Face Hub id is known" in local.text
+    assert (
+        "- training data: train.jsonl (sha256 abababababab), 1,080 rows trained on, 120 held out (10%)"
+        in local.text
+    )
+    assert str(tmp_path) not in local.content and "loraxs eval BASE_DIR -a ADAPTER_DIR" in local.text

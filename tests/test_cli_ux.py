@@ -127,7 +127,7 @@ def test_every_choice_option_is_a_real_choice():
 
     free = {"--targets", "--data", "--eval-data", "--out", "--metric", "--max-grad-memory", "--device",
             "--revision", "--answer-regex", "--prompts", "--adapter", "--adapters", "--name", "--config",
-            "--model", "--lr"}  # fmt: skip
+            "--model", "--lr", "--lm-eval"}  # fmt: skip
     group = typer.main.get_command(app)
     commands = [(n, c) for n, c in group.commands.items() if not isinstance(c, click.Group)]
     commands += [(f"cache {n}", c) for n, c in group.commands["cache"].commands.items()]

@@ -56,7 +56,7 @@ def _complete(words: str, shell: str = "bash", env: dict | None = None) -> subpr
 @pytest.mark.parametrize(
     "words, expected",
     [
-        ("loraxs eval m --data d --task ", ["causal-lm", "seq-cls", "regression"]),
+        ("loraxs eval m --data d --task ", ["causal-lm", "seq-cls", "regression", "preference"]),
         ("loraxs init m --method ", ["xs", "sb"]),
         ("loraxs init m --svd sk", ["sklearn"]),
         ("loraxs train m --dtype b", ["bf16"]),
@@ -89,6 +89,7 @@ def test_fish_completes_paths_where_paths_go_and_values_where_values_go():
         "causal-lm",
         "seq-cls",
         "regression",
+        "preference",
     ]
     script = (COMPLETIONS / "loraxs.fish").read_text()
     assert "_TYPER_COMPLETE_FISH_ACTION=is-args" in script and "--condition" in script

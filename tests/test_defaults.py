@@ -42,7 +42,7 @@ def test_unset_settings_take_the_task_and_method_defaults(task, method):
     config = with_defaults(TrainConfig(model="m", data="d", out="o", task=task, method=method))
     chosen = DEFAULTS[(task, method)]
     assert config.lr == chosen["lr"] and config.warmup_ratio == chosen["warmup_ratio"]
-    assert config.head_lr == (None if task == "causal-lm" else chosen["head_lr"])
+    assert config.head_lr == (None if task in ("causal-lm", "preference") else chosen["head_lr"])
     given = with_defaults(
         TrainConfig(
             model="m", data="d", out="o", task=task, method=method, lr=0.5, head_lr=0.25, warmup_ratio=0.0

@@ -56,7 +56,8 @@ def test_minilm_classifies_bbc_topics_with_few_parameters(minilm_path, bbc_topic
 def test_smollm2_perplexity_on_bbc_text_falls_by_15_percent(smollm2_text_base, smollm2_text_xs, smollm2_path,
                                                            bbc_text, in_real_home):  # fmt: skip
     """SmolLM2-135M as a language model of BBC articles: held-out perplexity falls by >= 15%
-    (measured: 59.1 -> 46.8 in 30 steps of 8 articles cut to 64 tokens; -21%)."""
+    (measured: 67.6 -> 52.0 in 30 steps of 8 articles cut to 64 tokens, held out the openings of
+    20 articles; -23%)."""
     base, run = smollm2_text_base, smollm2_text_xs
     after = loraxs_json("eval", smollm2_path, "--adapter", run["out"] / "adapter", "--data", bbc_text[1],
                         "--task", "causal-lm", "--max-length", 64)["results"][0]  # fmt: skip
@@ -86,15 +87,16 @@ def word_problem(rng: random.Random) -> dict:
 
 
 def test_smollm2_instruct_answers_word_problems_better_after_training(smollm2_path, tmp_path, loraxs_home):
-    """Measured: exact match 0.19 for the base model (it rambles, or slips on two-digit sums) and 0.56
-    after 40 steps that teach it to answer with the worked equation."""
+    """Measured: exact match 0.19 for the base model (it rambles, or slips on two-digit sums) and 0.48
+    after 20 steps that teach it to answer with the worked equation (0.56 after 40; 12 steps at lr 1e-2:
+    0.35). 20 steps keep the suite's budget: 40 took 183 s of this test's 225 s on one thread."""
     rng = random.Random(0)
     train = write_jsonl(tmp_path / "train.jsonl", [word_problem(rng) for _ in range(320)])
     test = write_jsonl(tmp_path / "test.jsonl", [word_problem(rng) for _ in range(48)])
     base, after, _ = train_then_eval(
         smollm2_path, train, test, tmp_path / "run",
-        "--task", "causal-lm", "--rank", 16, "--max-length", 96, "--batch-size", 8, "--max-steps", 40,
+        "--task", "causal-lm", "--rank", 16, "--max-length", 96, "--batch-size", 8, "--max-steps", 20,
         "--lr", 5e-3, "--warmup-ratio", 0.1,
         eval_args=("--generate", "--max-new-tokens", 48, "--batch-size", 16),
     )  # fmt: skip
-    assert after["exact_match"] >= base["exact_match"] + 0.2, (base, after)
+    assert after["exact_match"] >= base["exact_match"] + 0.15, (base, after)  # half the gain

@@ -4,9 +4,11 @@ adapters (eval, generate, inspect, merge, convert, pack); a missing member is a 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from hub_for_tests import FakeHub, isolate, serving
 from typer.testing import CliRunner
 
 from loraxs_cli.cli.app import app
@@ -183,3 +185,78 @@ def test_pack_takes_every_form(made, tmp_path):
     assert listed["adapters"] == ["alice", "bob", "carol"]
     missing = invoke("pack", f"{pack}::carol", "--out", tmp_path / "no.safetensors")
     one_line_error(missing, 3, "no adapter named 'carol'")
+
+
+# ----------------------------------------------------------------------------- adapters on the Hub
+
+
+def test_hub_adapters_resolve_through_huggingface_hubs_cache(
+    tiny_llama_dir, tiny_bert_dir, made, tmp_path, monkeypatch
+):
+    """ORG/NAME[@REV] and NAME=ORG/NAME@REV: huggingface_hub downloads them from a stand-in Hub into its
+    own cache (scan_cache_dir reads that cache back), then they resolve offline from it, load as the
+    directories they came from, pass the base check, and a local path of the same name wins."""
+    from huggingface_hub import scan_cache_dir
+
+    cache = isolate(tmp_path / "hf-home", monkeypatch)
+    hub = FakeHub()
+    main = hub.add("team/xs", made["alice"])
+    v2 = hub.add("team/xs", made["bob"], branch="v2")
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text("{}")
+    hub.add("team/peft", peft)
+    with serving(hub, monkeypatch):
+        assert load_one("team/xs").config.to_json() == load_one(made["alice"]).config.to_json()
+        assert load_one("team/xs@v2").config.to_json() == load_one(made["bob"]).config.to_json()
+        with pytest.raises(BadInputError, match=r"has no loraxs_config.json: not a loraxs adapter \(a PEFT"):
+            load_one("team/peft")
+    repos = {r.repo_id: r for r in scan_cache_dir(cache).repos}
+    revisions = {rev.commit_hash: rev for rev in repos["team/xs"].revisions}
+    assert repos["team/xs"].repo_type == "model" and set(revisions) == {main, v2}
+    assert set(revisions[main].refs) == {"main"} and set(revisions[v2].refs) == {"v2"}
+    assert {f.file_name for f in revisions[main].files} >= {"loraxs_config.json", "adapter.safetensors"}
+
+    # offline (HF_HUB_OFFLINE=1, the tests' default): from the cache only
+    sources = parse_specs(["team/xs", "b=team/xs@v2", f"team/xs@{main}"], unique=False)
+    assert [(s.name, s.origin) for s in sources] == [
+        ("xs", "team/xs"),
+        ("b", "team/xs@v2"),
+        ("xs", f"team/xs@{main}"),
+    ]
+    assert sources[0].path == cache / "models--team--xs" / "snapshots" / main == spec_path("team/xs")
+    data = made["data"]
+    hub_losses = ok_json("eval", tiny_llama_dir, "--data", data, "-a", "team/xs", "-a", "b=team/xs@v2")[
+        "results"
+    ]
+    local = ok_json("eval", tiny_llama_dir, "--data", data, "-a", made["alice"], "-a", made["bob"])["results"]
+    assert [r["loss"] for r in hub_losses] == pytest.approx([r["loss"] for r in local], rel=1e-6)
+    one_line_error(
+        invoke("eval", tiny_llama_dir, "--data", data, "-a", "team/absent"),
+        3,
+        "team/absent: no such adapter directory; as a Hugging Face repo: not in the Hugging Face cache",
+        "HF_HUB_OFFLINE is set",
+    )
+    one_line_error(
+        invoke("eval", tiny_llama_dir, "--data", data, "-a", "team/xs@v9"),
+        3,
+        "team/xs@v9",
+        "at revision 'v9'",
+    )
+    plan = ok_json("merge", tiny_llama_dir, "-a", "team/xs@v2", "--out", tmp_path / "m", "--dry-run")
+    assert plan["target_modules"] > 0
+    pushed = ok_json("push", "team/xs@v2", "me/copy", "--dry-run")
+    assert {f["path"] for f in pushed["files"]} == {
+        "loraxs_config.json",
+        "adapter.safetensors",
+        "factors.safetensors",
+        "README.md",
+    }
+    wrong_base = invoke("eval", tiny_bert_dir, "--data", data, "-a", "team/xs")
+    assert wrong_base.exit_code == 4 and "adapter team/xs was trained on base" in wrong_base.stderr
+
+    # a local path that exists always wins over the hub id it looks like
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(made["bob"], tmp_path / "team" / "xs")
+    assert parse_specs(["team/xs"])[0].origin is None
+    assert load_one("team/xs").config.to_json() == load_one(made["bob"]).config.to_json()

@@ -379,12 +379,13 @@ def test_model_card_names_its_losses_base_and_data(tiny_llama_dir, lm_data, tmp_
     assert result.exit_code == 0, result.output
     card = (run / "adapter" / "README.md").read_text()
     assert str(tiny_llama_dir) not in card and str(tiny_llama_dir.parent) not in card
-    assert f"base_model: {tiny_llama_dir.name}  # local model" in card
+    assert "base_model" not in card.split("\n---\n")[0]  # no hub id is known: none, never a path
+    assert f"- base model: {tiny_llama_dir.name} (a local model" in card
     assert "final_loss" not in card and "{'" not in card
-    assert re.search(r"^- train_loss: [\d.]+ \(training loss of the last step\)$", card, re.M)
-    assert re.search(r"^- eval_loss: [\d.]+ \(loss on the held-out data\)$", card, re.M)
+    assert re.search(r"^\| train_loss \| [\d.]+ \| training loss of the last step \|$", card, re.M)
+    assert re.search(r"^\| eval_loss \| [\d.]+ \| loss on the held-out data \|$", card, re.M)
     sha = load_adapter(run / "adapter").config.extra["data"]["sha256"][:12]
-    assert f"- training data: lm.jsonl (12 rows, task causal-lm, sha256 {sha})" in card
+    assert f"- training data: lm.jsonl (sha256 {sha}), 12 rows trained on; evaluated on lm.jsonl" in card
 
 
 def test_model_card_names_a_hub_base_by_its_repo_id(tiny_llama_dir, lm_data, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from . import (
     inspect_cmd,
     merge_cmd,
     pack_cmd,
+    push_cmd,
     train_cmd,
 )
 from .options import JsonOption, QuietOption, VerboseOption
@@ -102,6 +103,7 @@ app.command("convert")(convert_cmd.convert)
 app.command("generate")(generate_cmd.generate)
 app.command("pack")(pack_cmd.pack)
 app.command("unpack")(pack_cmd.unpack)
+app.command("push")(push_cmd.push)
 app.add_typer(cache_cmd.app, name="cache")
 
 

@@ -9,6 +9,10 @@ from .options import (
     NON_NEGATIVE,
     SEED,
     TOP_P,
+    ColumnsOption,
+    DataConfigOption,
+    DataRevisionOption,
+    DataSplitOption,
     DeviceOption,
     JsonOption,
     MaxNewTokensOption,
@@ -22,8 +26,8 @@ from .output import get_output, handle_errors, stdout_stream
 
 ADAPTERS_HELP = (
     "Adapter to load (repeat): DIR (named by its directory name; RUN/adapter by the run's), NAME=DIR, "
-    "PACK.safetensors (all its members, by member name) or PACK.safetensors::NAME. Prompt rows name "
-    "them in their 'adapter' field."
+    "PACK.safetensors (all its members, by member name), PACK.safetensors::NAME or a Hugging Face adapter "
+    "repo ORG/NAME or ORG/NAME@REV. Prompt rows name them in their 'adapter' field."
 )
 
 
@@ -32,8 +36,16 @@ def generate(
     ctx: typer.Context,
     model: ModelArgument,
     prompts: str = typer.Option(
-        ..., "--prompts", "-p", help='JSONL rows {"adapter": NAME or null, "prompt": TEXT} (or "messages").'
+        ...,
+        "--prompts",
+        "-p",
+        help='Rows {"adapter": NAME or null, "prompt": TEXT} (or "messages"): a JSONL file, or any --data '
+        "source of train (a `datasets` directory, a hub dataset id).",
     ),
+    data_config: DataConfigOption = None,
+    data_split: DataSplitOption = None,
+    data_revision: DataRevisionOption = None,
+    columns: ColumnsOption = None,
     adapters: list[str] = typer.Option([], "--adapters", "--adapter", "-a", help=ADAPTERS_HELP),
     out_file: str | None = typer.Option(None, "--out", "-o", help="Write the JSONL here instead of stdout."),
     max_new_tokens: MaxNewTokensOption = 64,
@@ -78,6 +90,10 @@ def generate(
         device=device,
         dtype=dtype,
         quantize=quantize,
+        data_config=data_config,
+        data_split=data_split,
+        data_revision=data_revision,
+        columns=columns,
     )
     if out_file:  # an earlier output is replaced (only once complete), an input never
         check_output(out_file, generate_inputs(request), force=True)

@@ -21,7 +21,9 @@ from .render import Fields, bytes_human
 def merge(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="The adapter's base: local directory or Hugging Face model id."),
-    adapter: str = typer.Option(..., "--adapter", "-a", help="loraxs adapter directory."),
+    adapter: str = typer.Option(
+        ..., "--adapter", "-a", help="loraxs adapter directory, or ORG/NAME or ORG/NAME@REV on the Hub."
+    ),
     out: str = typer.Option(..., "--out", "-o", help="Directory for the merged model (must not exist)."),
     dtype: MergeDtypeOption = "auto",
     verify: bool = typer.Option(

@@ -88,6 +88,8 @@ FOREIGN_NAMES = {
     "metric_for_best_model": "metric",
     "train_file": "data",
     "dataset": "data",
+    "dataset_name": "data",
+    "dataset_config_name": "data-config",
     "validation_file": "eval-data",
     "bf16": "precision",
     "fp16": "precision",
@@ -241,7 +243,7 @@ TOP_P = Finite(gt=0, le=1)
 # which stay the authority for library callers; this module must not import torch.
 
 Method = Literal["xs", "sb"]
-Task = Literal["causal-lm", "seq-cls", "regression"]
+Task = Literal["causal-lm", "seq-cls", "regression", "preference"]  # data.TASKS
 WeightsDtype = Literal["auto", "fp32", "bf16", "fp16"]
 StorageDtype = Literal["fp16", "bf16", "fp32", "int8"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -257,7 +259,10 @@ SbGradMode = Literal["eval", "train"]  # sb.GRAD_MODES
 SbAccumDtype = Literal["float32", "bfloat16"]  # sb.ACCUM_DTYPES
 Quantize = Literal["int8", "nf4"]  # quantize.QUANTIZE_KINDS
 
-TASK_HELP = "causal-lm (prompt/response, messages, text), seq-cls (text + label) or regression (float label)."
+TASK_HELP = (
+    "causal-lm (prompt/response, messages, text), seq-cls (text + label), regression (float label) or "
+    "preference (prompt/chosen/rejected: DPO)."
+)
 SVD_HELP = (
     "torch: randomized SVD on --device. sklearn: the official LoRA-XS call, TruncatedSVD on W^T. "
     "exact: full SVD, truncated (slow on large weights)."
@@ -275,7 +280,9 @@ EvalTaskOption = Annotated[
 TrainTaskOption = Annotated[
     Task | None, typer.Option("--task", help=TASK_HELP + " Default: inferred from the rows.")
 ]
-SbTaskOption = Annotated[Task, typer.Option("--task", help="LoRA-SB: causal-lm, seq-cls or regression.")]
+SbTaskOption = Annotated[
+    Task, typer.Option("--task", help="LoRA-SB: causal-lm, seq-cls, regression or preference.")
+]
 WeightsDtypeOption = Annotated[
     WeightsDtype, typer.Option("--dtype", help="Dtype the base weights are read in (auto: the checkpoint's).")
 ]
@@ -351,6 +358,30 @@ SbAccumDtypeOption = Annotated[
 
 ModelArgument = Annotated[str, typer.Argument(help="Local directory, Hugging Face model id, or .gguf file.")]
 TargetsOption = Annotated[str | None, typer.Option("--targets", "-t", help=TARGETS_HELP)]
+# Where rows come from (datasources.py): a file, a `datasets` directory or Arrow file, or a hub dataset id.
+DATA_SOURCES_HELP = (
+    ".jsonl, .csv, .parquet, .txt or .arrow file, a `datasets` directory (save_to_disk), or a hub dataset "
+    "id (ID or ID[split], needs pip install 'loraxs[data]')."
+)
+DataConfigOption = Annotated[
+    str | None,
+    typer.Option("--data-config", help="A hub dataset's configuration (subset), as load_dataset's name."),
+]
+DataSplitOption = Annotated[
+    str | None,
+    typer.Option("--data-split", help="The split of a dataset (default: train); or write ID[split]."),
+]
+DataRevisionOption = Annotated[
+    str | None, typer.Option("--data-revision", help="A hub dataset's branch, tag or commit.")
+]
+ColumnsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--columns",
+        help="Rename columns to loraxs's fields: prompt=instruction,response=output (fields: prompt, "
+        "response, messages, text, text_a, text_b, label, answer). alpaca and ShareGPT rows need none.",
+    ),
+]
 MaxLengthOption = Annotated[
     int, typer.Option("--max-length", callback=AT_LEAST_ONE, help="Tokens per example (longer text is cut).")
 ]
@@ -416,6 +447,30 @@ SvdDeviceOption = Annotated[
         callback=_check_device,
         autocompletion=complete_devices,
         help="Where the SVD runs: cpu, cuda, cuda:1 (default: cpu).",
+    ),
+]
+
+
+# `train --report-to`: a comma-separated list, so no Literal; the core checks it (train.trackers, whose
+# TRACKERS these mirror) and completion offers the names for the item being typed.
+REPORT_TO = ("tensorboard", "mlflow", "wandb", "trackio")
+
+
+def complete_report_to(incomplete: str) -> list[str]:
+    done, comma, last = incomplete.rpartition(",")
+    chosen = set(done.split(",")) if comma else set()
+    names = [n for n in REPORT_TO if n not in chosen] + ([] if comma else ["none"])
+    return [done + comma + n for n in names if n.startswith(last)]
+
+
+ReportToOption = Annotated[
+    str,
+    typer.Option(
+        "--report-to",
+        autocompletion=complete_report_to,
+        help="Send metrics.jsonl's rows and the settings to experiment trackers: a comma-separated subset "
+        "of tensorboard, mlflow, wandb, trackio, or none. Each is set up by its own variables (README: "
+        "Experiment trackers). Needs pip install 'loraxs[track]'.",
     ),
 ]
 

@@ -8,13 +8,18 @@ import typer
 
 from .options import (
     AT_LEAST_ONE,
+    DATA_SOURCES_HELP,
     EVERY,
     NON_NEGATIVE,
     POSITIVE,
     SEED,
     SHARE,
     ChatLossOption,
+    ColumnsOption,
     ConfigOption,
+    DataConfigOption,
+    DataRevisionOption,
+    DataSplitOption,
     DeviceOption,
     Distributed,
     JsonOption,
@@ -26,6 +31,7 @@ from .options import (
     Precision,
     QuantizeOption,
     QuietOption,
+    ReportToOption,
     SbAccumDtypeOption,
     SbGradModeOption,
     SbLrOption,
@@ -45,8 +51,9 @@ from .render import Fields, bytes_human, table
 # `loraxs train --help` shows its options in these panels (every option is in one; MODEL is the argument).
 TrainCommand = help_panels(
     {
-        "Model and data": ("data", "task", "eval_data", "eval_split", "max_length", "chat_loss",
-                           "dtype", "quantize", "seed"),
+        "Model and data": ("data", "data_config", "data_split", "data_revision", "columns", "streaming",
+                           "shuffle_buffer", "task", "eval_data", "eval_split", "max_length", "chat_loss",
+                           "beta", "packing", "group_by_length", "dtype", "quantize", "seed"),
         "Adapter": ("method", "rank", "alpha", "targets", "init_std", "embed_factors", "svd", "niter",
                     "oversample", "sb_samples", "sb_lr", "sb_official_eta", "sb_step", "sb_grad_mode",
                     "sb_accum_dtype", "sb_batch_size", "max_grad_memory"),
@@ -55,8 +62,8 @@ TrainCommand = help_panels(
         "Schedule and cadence": ("epochs", "max_steps", "eval_every", "eval_batch_size", "metric",
                                  "save_every", "keep_checkpoints", "log_every"),
         "Distribution": ("device", "distributed"),
-        "Output": ("out_dir", "resume", "force", "config", "dry_run", "measure", "json_flag", "quiet",
-                   "verbose"),
+        "Output": ("out_dir", "report_to", "resume", "force", "config", "dry_run", "measure", "json_flag",
+                   "quiet", "verbose"),
     }
 )  # fmt: skip
 
@@ -65,7 +72,23 @@ TrainCommand = help_panels(
 def train(
     ctx: typer.Context,
     model: ModelArgument,
-    data: str = typer.Option(..., "--data", "-d", help="Training data: .jsonl, .csv, .parquet or .txt."),
+    data: str = typer.Option(..., "--data", "-d", help="Training data: " + DATA_SOURCES_HELP),
+    data_config: DataConfigOption = None,
+    data_split: DataSplitOption = None,
+    data_revision: DataRevisionOption = None,
+    columns: ColumnsOption = None,
+    streaming: bool = typer.Option(
+        False,
+        "--streaming",
+        help="Read and tokenise the rows as the steps need them (sets larger than memory); needs "
+        "--max-steps. Held-out data is still read into memory.",
+    ),
+    shuffle_buffer: int = typer.Option(
+        1000,
+        "--shuffle-buffer",
+        callback=EVERY,
+        help="--streaming: shuffle the rows within a buffer of this many, seeded per epoch (0: in order).",
+    ),
     task: TrainTaskOption = None,
     rank: int = typer.Option(16, "--rank", "-r", help="Rank r: each target module trains r x r numbers."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Run directory (checkpoints, metrics, adapter)."),
@@ -74,7 +97,12 @@ def train(
         None, "--alpha", callback=POSITIVE, help="Scaling s = alpha / r (default alpha = r)."
     ),
     targets: TargetsOption = None,
-    eval_data: str | None = typer.Option(None, "--eval-data", help="Held-out data for periodic evaluation."),
+    eval_data: str | None = typer.Option(
+        None,
+        "--eval-data",
+        help="Held-out data for periodic evaluation, read into memory (as --data; ID[validation] for "
+        "another split of the same dataset).",
+    ),
     eval_split: float = typer.Option(
         0.0,
         "--eval-split",
@@ -83,6 +111,23 @@ def train(
     ),
     max_length: MaxLengthOption = 512,
     chat_loss: ChatLossOption = "all",
+    beta: float = typer.Option(
+        0.1,
+        "--beta",
+        callback=POSITIVE,
+        help="preference: DPO's beta, how far the adapter may move from the base (the reference).",
+    ),
+    packing: bool = typer.Option(
+        False,
+        "--packing",
+        help="causal-lm: several examples per row of --max-length tokens, each with its own positions "
+        "and attention (no padding); held-out data stays unpacked.",
+    ),
+    group_by_length: bool = typer.Option(
+        False,
+        "--group-by-length",
+        help="Batch examples of similar length together (less padding), in a seeded order per epoch.",
+    ),
     batch_size: int = typer.Option(
         8, "--batch-size", "-b", callback=AT_LEAST_ONE, help="Examples per micro-batch and process."
     ),
@@ -158,6 +203,7 @@ def train(
     embed_factors: bool = typer.Option(
         False, "--embed-factors", help="Store A and B in the adapter (self-contained, larger)."
     ),
+    report_to: ReportToOption = "none",
     resume: bool | None = typer.Option(
         None, "--resume/--no-resume", help="Continue the run in --out (default: if it has checkpoints)."
     ),
@@ -165,7 +211,7 @@ def train(
         False,
         "--force",
         help="Replace the run in an existing --out: remove its checkpoints, metrics, config, loss.png, "
-        "adapter/ and best/ (only what train wrote), then start anew.",
+        "adapter/, best/, trackers.json and tensorboard/ (only what train wrote), then start anew.",
     ),
     eval_batch_size: int | None = typer.Option(
         None,
@@ -228,8 +274,17 @@ def train(
         targets=targets,
         eval_data=eval_data,
         eval_split=eval_split,
+        data_config=data_config,
+        data_split=data_split,
+        data_revision=data_revision,
+        columns=columns,
+        streaming=streaming,
+        shuffle_buffer=shuffle_buffer,
         max_length=max_length,
         chat_loss=chat_loss,
+        beta=beta,
+        packing=packing,
+        group_by_length=group_by_length,
         batch_size=batch_size,
         grad_accum=grad_accum,
         lr=_parse_lr(lr),
@@ -258,6 +313,7 @@ def train(
         oversample=oversample,
         embed_factors=embed_factors,
         resume=_resume_mode(resume, force),
+        report_to=report_to,
         eval_batch_size=eval_batch_size,
         init_std=init_std,
         sb={
@@ -349,8 +405,11 @@ def _plan_view(plan: dict) -> Fields:
     rows = [
         ("factors", f"{plan['cache']} ({plan['method']}, {plan['modules']} modules, rank {plan['rank']})"),
         ("trainable", f"{plan['adapter_params']:,} adapter + {plan['head_params']:,} head parameters"),
-        ("data", f"{plan['train_examples']:,} training rows, {plan['eval_examples']:,} held out"),
-        ("schedule", f"{plan['steps']:,} steps of {plan['examples_per_step']} examples"),
+        ("data", _data_line(plan)),
+        ("packing", f"{plan['train_examples']:,} rows in {plan['packed_rows']:,} packed rows")
+        if plan.get("packed_rows") is not None
+        else None,
+        ("schedule", f"{plan['steps']:,} steps of {plan['examples_per_step']} {_step_unit(plan)}"),
         ("memory", _memory(plan) + _quantized(plan)),
         ("lr", f"{rates}, warmup {plan['warmup_ratio']:g} of the steps"),
         ("time", _time(plan)) if "estimate" in plan else None,
@@ -359,6 +418,19 @@ def _plan_view(plan: dict) -> Fields:
         ("resume", resume),
     ]
     return Fields(styled("[bold]{}[/] -> {}", plan["model"], plan["out"]), rows, width=12)
+
+
+def _data_line(plan: dict) -> str:
+    held = f"{plan['eval_examples']:,} held out"
+    if plan["train_examples"] is None:  # --streaming: a stream has no length
+        return f"streamed (read and tokenised as the steps need them), {held}"
+    return f"{plan['train_examples']:,} training rows, {held}"
+
+
+def _step_unit(plan: dict) -> str:
+    if plan.get("packing"):
+        return "packed rows"
+    return "examples, grouped by length" if plan.get("group_by_length") else "examples"
 
 
 def _memory(plan: dict) -> str:

@@ -17,15 +17,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..data import (
+    Example,
     check_task,
     collate,
     encode,
-    file_sha256,
     label_names,
     pad_id_of,
-    read_rows,
     stratified_split,
 )
+from ..datasources import DataSpec, as_spec, open_source, open_stream
 from ..errors import BadInputError, UsageError
 from ..estimate import human_bytes
 from ..method_defaults import SB_DEFAULTS
@@ -79,7 +79,7 @@ class OfficialEta:
 class SBInit:
     """Where LoRA-SB's approximated first step comes from. All but the memory budget are recorded."""
 
-    data: str
+    data: str | DataSpec  # a file, or any source datasources.py reads (train passes its DataSpec)
     task: str
     samples: int = SB_DEFAULTS.samples
     eta: float = SB_DEFAULTS.eta
@@ -112,14 +112,16 @@ def sb_request(request, sb: SBInit, all_reduce: Callable | None = None, shard: t
     if sb.step not in STEPS:
         raise BadInputError(f"unknown --sb-step {sb.step!r}: use {' or '.join(STEPS)}")
     sb = replace(sb, accum_dtype=parse_accum_dtype(sb.accum_dtype))
-    rows, labels, train_rows = _sample_rows(sb)
+    rows, labels, train_rows, source = _sample_rows(sb)
     if sb.official_eta is not None:
+        if train_rows is None:
+            raise UsageError("--sb-official-eta counts the training rows, which --streaming does not know")
         sb = replace(sb, eta=sb.official_eta.eta(train_rows, sb.batch_size))
     if not sb.eta > 0:
         raise BadInputError(f"LoRA-SB: --sb-lr must be positive, got {sb.eta}")
     settings = SBSettings(eta=sb.eta, step=sb.step)
     extra = {
-        "data_sha256": file_sha256(sb.data),
+        "data_sha256": source.content_id(),  # a file's sha256; a dataset's identity (datasources.py)
         "samples": len(rows),
         "task": sb.task,
         "labels": labels,
@@ -131,6 +133,8 @@ def sb_request(request, sb: SBInit, all_reduce: Callable | None = None, shard: t
         # Recorded only when not the default: the recipes (cache entries) of the defaults are unchanged.
         **({"grad_mode": sb.grad_mode} if sb.grad_mode != SB_DEFAULTS.grad_mode else {}),
         **({"accum_dtype": sb.accum_dtype} if sb.accum_dtype != SB_DEFAULTS.accum_dtype else {}),
+        **({"columns": source.spec.columns} if source.spec.columns else {}),
+        **({"sample": "first rows of the stream"} if source.spec.streaming else {}),
     }
 
     def compute(plan, on_module) -> tuple[dict, dict]:
@@ -139,20 +143,29 @@ def sb_request(request, sb: SBInit, all_reduce: Callable | None = None, shard: t
     return replace(request, method=SB.name, extra={"sb": extra}), compute
 
 
-def _sample_rows(sb: SBInit) -> tuple[list, list[str] | None, int]:
+def _sample_rows(sb: SBInit) -> tuple[list, list[str] | None, int | None, object]:
     """The seeded gradient sample (`samples` rows of the training part of the data), the label names,
-    and the number of training rows."""
-    rows = read_rows(sb.data)
+    the number of training rows and the source (datasources.Source). With --streaming the sample is the
+    stream's first `samples` rows, in the order training reads them; the number of rows is not known."""
+    spec = as_spec(sb.data)
+    if spec.streaming:
+        stream = open_stream(spec)
+        return stream.first_rows(sb.samples), stream.label_names(sb.task), None, stream.source
+    source = open_source(spec)
+    rows = source.rows()
     labels = label_names(rows, sb.task)
     if sb.held_out_split:
         rows, _ = stratified_split(rows, sb.held_out_split, sb.seed, sb.task)
     chosen = sorted(random.Random(sb.seed).sample(range(len(rows)), min(sb.samples, len(rows))))
-    return [rows[i] for i in chosen], labels, len(rows)
+    return [rows[i] for i in chosen], labels, len(rows), source
 
 
 def _compute(plan, sb: SBInit, rows, labels, settings, all_reduce, shard, on_module, train_rows):
     tokenizer = load_tokenizer(plan.base.resolved)
     examples = encode(rows, tokenizer, sb.task, max_length=sb.max_length, labels=labels)
+    task = sb.task
+    if task == "preference":  # the gradient of the chosen answers' language-model loss (README)
+        examples, task = [Example(e.input_ids, labels=e.labels) for e in examples], "causal-lm"
     rank, world = shard
     mine = examples[rank::world]
     device = torch.device(plan.request.device or "cpu")
@@ -178,7 +191,7 @@ def _compute(plan, sb: SBInit, rows, labels, settings, all_reduce, shard, on_mod
 
     def batches():
         for start in range(0, len(mine), sb.batch_size):
-            batch = collate(mine[start : start + sb.batch_size], pad_id, sb.task)
+            batch = collate(mine[start : start + sb.batch_size], pad_id, task)
             yield {k: v.to(device) for k, v in batch.items()}
 
     core = backbone(model)

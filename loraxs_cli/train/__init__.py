@@ -7,6 +7,7 @@
     schedule.py     steps, the seeded order of examples, optimizer, learning-rate schedule, autocast
     setup.py        `prepare`: split, factors (the method's part in one place), tokenizer, model, head
     recipe.py       `train`: setup -> Trainer.loop (one `train_step` at a time, cadence) -> Trainer.finish
+    trackers.py     --report-to: metrics.jsonl's rows and the settings to TensorBoard, MLflow, W&B, trackio
     dry_run.py      `train --dry-run`: the plan from the same steps, and a measured time per step
 
 The run directory:
@@ -17,6 +18,7 @@ The run directory:
                                  optimizer, scheduler, RNG, data position
     RUN_DIR/adapter/             the final adapter;  RUN_DIR/best/  the best by --metric
     RUN_DIR/loss.png             the loss curve
+    RUN_DIR/trackers.json        --report-to: each tracker's run and the last step sent to it
 """
 
 from .config import (

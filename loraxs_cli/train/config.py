@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .. import data as datamod
+from ..datasources import DataSpec, parse_columns
 from ..errors import UsageError
 from ..lr_finder import LRFindSettings
 from ..method_defaults import SB_DEFAULTS, XS_DEFAULTS
@@ -33,6 +34,9 @@ DEFAULTS: dict[tuple[str, str], dict[str, float]] = {
     # SmolLM2-135M on BBC text and on word problems: 3e-3 best on both; 1e-2 worse, 3e-2 breaks the model.
     ("causal-lm", "xs"): {"lr": 3e-3, "warmup_ratio": 0.0},
     ("causal-lm", "sb"): {"lr": 3e-3, "warmup_ratio": 0.0},
+    # DPO (preference.py) on SmolLM2-135M, arithmetic answers right vs wrong: README "Preference tuning".
+    ("preference", "xs"): {"lr": 3e-3, "warmup_ratio": 0.0},
+    ("preference", "sb"): {"lr": 3e-3, "warmup_ratio": 0.0},
 }
 # Settings that define a run: resuming with different values would silently mix two runs.
 IDENTITY = (
@@ -51,7 +55,22 @@ IDENTITY = (
     "max_length",
     "chat_loss",
     "weight_decay",
+    "packing",
+    "group_by_length",
+    "data_config",
+    "data_split",
+    "data_revision",
+    "columns",
+    "streaming",
+    "shuffle_buffer",
+    "beta",
 )
+# Identity settings added after runs were first checkpointed, with the value an older checkpoint had.
+IDENTITY_ADDED = {
+    "packing": False, "group_by_length": False,
+    "data_config": None, "data_split": None, "data_revision": None, "columns": None, "streaming": False,
+    "shuffle_buffer": 1000, "beta": 0.1,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -91,8 +110,19 @@ class TrainConfig:
     targets: str | None = None
     eval_data: str | None = None
     eval_split: float = 0.0
+    # Where --data comes from when it is a dataset (datasources.py): its configuration, split (default
+    # train) and hub revision; --columns FIELD=COLUMN renames columns to loraxs's fields.
+    data_config: str | None = None
+    data_split: str | None = None
+    data_revision: str | None = None
+    columns: str | None = None
+    streaming: bool = False  # rows read and tokenised as the steps need them (needs max_steps)
+    shuffle_buffer: int = 1000  # --streaming: rows shuffled within a buffer this large (0: in order)
     max_length: int = 512
     chat_loss: str = "all"  # messages rows: loss on every assistant turn, or only the last
+    beta: float = 0.1  # preference: DPO's beta (preference.DEFAULT_BETA, TRL's default)
+    packing: bool = False  # causal-lm: several examples per row of max_length tokens (packing.py)
+    group_by_length: bool = False  # batches of examples of similar length (schedule.step_indices)
     batch_size: int = 8  # per process
     grad_accum: int = 1
     lr: float | str | None = None  # None: the task's default (DEFAULTS); "auto": the LR range test
@@ -128,11 +158,48 @@ class TrainConfig:
     embed_factors: bool = False
     # auto: continue a run found in --out; always: require one; never: refuse one; fresh: replace it
     resume: str = "auto"
+    # Experiment trackers (trackers.py): "none", or a comma-separated subset of tensorboard, mlflow, wandb,
+    # trackio. Not part of the identity: a resumed run may report to others.
+    report_to: str = "none"
     sb: SBConfig = field(default_factory=SBConfig)  # LoRA-SB init settings; a dict is converted
 
     def __post_init__(self) -> None:
         if isinstance(self.sb, Mapping):
             self.sb = SBConfig.from_mapping(self.sb)
+
+    def data_spec(self) -> DataSpec:
+        """--data and the options that say how to read it (datasources.DataSpec)."""
+        return DataSpec(
+            self.data,
+            config=self.data_config,
+            split=self.data_split,
+            revision=self.data_revision,
+            columns=self.columns,
+            streaming=self.streaming,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+        )
+
+    def check_data(self) -> None:
+        """The data options among themselves (usage errors, before anything is read)."""
+        parse_columns(self.columns)
+        if self.shuffle_buffer < 0:
+            raise UsageError(f"--shuffle-buffer must be >= 0, got {self.shuffle_buffer}")
+        if not self.streaming:
+            return
+        if not self.max_steps:
+            raise UsageError("--streaming needs --max-steps: a stream has no length to count epochs in")
+        refused = [
+            ("--eval-split", self.eval_split, "a stream cannot hold out a share of itself; give held-out "
+             "data with --eval-data (it is read into memory)"),
+            ("--packing", self.packing, "packing needs the whole set in memory"),
+            ("--group-by-length", self.group_by_length, "grouping by length needs the whole set in memory"),
+            ("--sb-official-eta", self.sb.official_eta and self.method == "sb",
+             "its eta counts the training rows, which a stream does not know"),
+        ]  # fmt: skip
+        for flag, given, reason in refused:
+            if given:
+                raise UsageError(f"--streaming cannot be combined with {flag}: {reason}")
 
     def identity(self) -> dict:
         return {k: getattr(self, k) for k in IDENTITY}
@@ -141,6 +208,10 @@ class TrainConfig:
         if self.task is not None:
             datamod.check_task(self.task)
         datamod.check_chat_loss(self.chat_loss)
+        self.check_data()
+        from .trackers import parse_report_to  # (trackers.py imports this module)
+
+        parse_report_to(self.report_to)  # an unknown tracker, or its library missing: before any work
         if self.quantize is not None:  # an unknown kind, or bitsandbytes missing: before any work
             require_backend(self.quantize)
         if self.quantize and self.distributed == "fsdp":
@@ -149,6 +220,13 @@ class TrainConfig:
                 "bitsandbytes' quantized weights); use --distributed ddp"
             )
         get_method(self.method, error=UsageError)
+        if self.packing and self.group_by_length:
+            raise UsageError(
+                "--group-by-length orders unpacked examples and --packing leaves no padding to save: "
+                "pass one of them"
+            )
+        if self.packing and self.task not in (None, "causal-lm"):
+            raise UsageError(f"--packing is for causal-lm only, not {self.task}; train without --packing")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown --schedule {self.schedule!r}: use {', '.join(SCHEDULES)}")
         if self.distributed not in DISTRIBUTED:
@@ -167,6 +245,8 @@ class TrainConfig:
             raise UsageError(f"--max-steps must be positive, got {self.max_steps}")
         if self.epochs <= 0:
             raise UsageError("--epochs must be positive")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise UsageError(f"--beta must be a positive number, got {self.beta}")
         if isinstance(self.lr, str) or self.lr is None:
             bad_lr = self.lr not in (None, AUTO_LR)
         else:
@@ -187,6 +267,8 @@ def with_task(config: TrainConfig, rows: list) -> tuple[TrainConfig, str | None]
     """The config with its task resolved (--task checked against the rows, or inferred from them), and
     the line that says so when it was inferred."""
     task, reason = resolve_task(config.task, rows, config.data)
+    if config.packing and task != "causal-lm":
+        raise UsageError(f"--packing is for causal-lm only, not {task}; train without --packing")
     note = f"task: {task} (inferred from {reason}; pass --task to choose another)" if reason else None
     return replace(config, task=task), note
 

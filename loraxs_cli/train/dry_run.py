@@ -25,7 +25,16 @@ from .distributed import Dist, world_size
 from .recipe import check_out, passes_for
 from .run_dir import RunDir
 from .schedule import examples_per_step, make_optimizer, step_indices, total_steps
-from .setup import factor_request, load_base, make_trainable, resolve, scaling, split_rows
+from .setup import (
+    factor_request,
+    label_map,
+    load_base,
+    make_trainable,
+    pack_training,
+    resolve,
+    scaling,
+    split_rows,
+)
 
 
 def plan_training(config: TrainConfig, measure: bool = True) -> dict:
@@ -35,7 +44,7 @@ def plan_training(config: TrainConfig, measure: bool = True) -> dict:
     config, rows, inferred = resolve(config)
     check_out(config)
     start = RunDir(config.out).plan(config)  # the same decision, and the same refusals, as the real run
-    labels = datamod.label_names(rows, config.task)
+    labels = label_map(config, rows)
     train_rows, held_rows = split_rows(config, rows)  # the run's own split (sklearn rounds up)
     request, _, _ = factor_request(config)
     plan = plan_factors(request)
@@ -43,8 +52,9 @@ def plan_training(config: TrainConfig, measure: bool = True) -> dict:
     world = world_size()
     sharded = config.distributed == "fsdp" and world > 1
     hidden = getattr(plan.base.config, "hidden_size", 0)
-    head = 0 if config.task == "causal-lm" else hidden * len(labels or [0]) + len(labels or [0])
+    head = 0 if config.task in datamod.LM_TASKS else hidden * len(labels or [0]) + len(labels or [0])
     item = torch.empty((), dtype=plan.base.weights_dtype).element_size()
+    packed = packed_rows(config, plan, labels, train_rows) if config.packing else None
     summary = {
         "model": plan.base.resolved.spec,
         "out": config.out,
@@ -54,10 +64,14 @@ def plan_training(config: TrainConfig, measure: bool = True) -> dict:
         "cache": f"hit ({plan.entry.id})" if plan.entry else "miss: init runs first",
         "adapter_params": config.rank * config.rank * len(plan.targets),
         "head_params": head,
-        "train_examples": len(train_rows),
+        "train_examples": None if config.streaming else len(train_rows),  # a stream has no length
+        "streaming": config.streaming,
         "eval_examples": len(held_rows),
-        "steps": total_steps(config, len(train_rows), world),
+        "steps": total_steps(config, len(train_rows) if packed is None else len(packed), world),
         "examples_per_step": examples_per_step(config, world),
+        "packing": config.packing,  # then a step takes examples_per_step packed rows
+        "packed_rows": None if packed is None else len(packed),
+        "group_by_length": config.group_by_length,
         "weights_bytes": quantized_weights_bytes(plan.base, config.quantize, item),
         "quantize": config.quantize,
         "distributed": config.distributed,
@@ -72,7 +86,7 @@ def plan_training(config: TrainConfig, measure: bool = True) -> dict:
         "resume": start.describe(),
         "replaces": [str(p.relative_to(config.out)) for p in start.replaces],
         "lr": config.lr,
-        "head_lr": config.head_lr if config.task != "causal-lm" else None,
+        "head_lr": config.head_lr if config.task not in datamod.LM_TASKS else None,
         "warmup_ratio": config.warmup_ratio,
     }
     if measure and sharded:
@@ -81,21 +95,33 @@ def plan_training(config: TrainConfig, measure: bool = True) -> dict:
     elif measure:
         remaining = summary["steps"] - (start.found[1]["step"] if start.found else 0)
         extra_steps = config.lr_find_steps if config.lr == AUTO_LR and not start.found else 0
-        summary.update(measure_step(config, plan, rows, labels, remaining + extra_steps))
+        summary.update(measure_step(config, plan, rows, labels, remaining + extra_steps, packed))
     return summary
 
 
-def measure_step(config: TrainConfig, plan, rows: list, labels: list[str] | None, steps: int) -> dict:
+def packed_rows(config: TrainConfig, plan, labels: list[str] | None, rows: list) -> list:
+    """--packing: the training rows encoded and packed as the run packs them (its steps count rows)."""
+    tokenizer = load_tokenizer(plan.base.resolved)
+    examples = datamod.encode(
+        rows, tokenizer, config.task, max_length=config.max_length, labels=labels, chat_loss=config.chat_loss
+    )
+    return pack_training(config, tokenizer, examples)[0]
+
+
+def measure_step(
+    config: TrainConfig, plan, rows: list, labels: list[str] | None, steps: int, packed: list | None = None
+) -> dict:
     """Time one optimizer step of the run's shape on real rows: the base with frozen factors of the planned
     shapes but random values (the time does not depend on them, and the factor cache is neither read
     nor written), one real micro-batch of --batch-size examples drawn as step 1 would draw them, the
     second of two steps timed (the first pays for allocation and warm-up), times --grad-accum.
-    `steps` optimizer steps of that time give the estimate (evaluation passes are not included)."""
+    `steps` optimizer steps of that time give the estimate (evaluation passes are not included).
+    `packed` (--packing): the run's packed rows, which the batch is drawn from instead."""
     device = parse_device(config.device)
     tokenizer = load_tokenizer(plan.base.resolved)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed)).tolist()
     sample = [rows[i] for i in order[: 4 * config.batch_size]]
-    examples = datamod.encode(
+    examples = packed or datamod.encode(
         sample, tokenizer, config.task, max_length=config.max_length, labels=labels,
         chat_loss=config.chat_loss,
     )  # fmt: skip

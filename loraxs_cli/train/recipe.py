@@ -35,21 +35,24 @@ from ..lr_finder import LRFindSettings, lr_range_test
 from ..methods import get_method
 from ..models import backbone
 from ..objective import default_metric, improves, loss_sum, model_inputs
+from ..packing import flattened, uses_flash_attention
 from ..paths import factors_root
+from ..preference import DEFAULT_BETA, PREFERENCE, PairStats, pair_loss
 from .config import AUTO_LR, TrainConfig
 from .distributed import Dist, init_distributed, unwrap, wrap
+from .examples import example_source
 from .fsdp import report_memory
 from .run_dir import RunDir
 from .schedule import (
     autocast_for,
-    data_position,
     examples_per_step,
+    grouping,
     make_optimizer,
     make_scheduler,
-    step_indices,
     total_steps,
 )
 from .setup import Prepared, prepare, resolve
+from .trackers import Trackers, open_trackers, parse_report_to
 
 
 @dataclass
@@ -102,11 +105,12 @@ def train(config: TrainConfig, events: TrainEvents | None = None) -> TrainResult
             if created and dist.main:
                 run.remove_if_empty()  # refused before training (a bad row, an unfit model): leave nothing
             raise
-        if not prep.train:
+        if not prep.train and prep.stream is None:
             raise BadInputError(f"{prep.config.data}: no usable training examples")
         mode = "fsdp" if dist.sharded else "ddp"
         report_memory(prep.model, dist.rank, mode, "setup")  # with LORAXS_MEMORY_REPORT only
         trainer = Trainer(prep, run, dist, device, events, found)
+        held.push(trainer.trackers)  # on the way out: each tracker's run finished, failed or killed
         trainer.loop()
         result = trainer.finish(started)
         report_memory(prep.model, dist.rank, mode, "end")
@@ -156,6 +160,9 @@ class Passes:
     autocast: Callable | None
     scaler: torch.amp.GradScaler | None
     pad_id: int
+    beta: float = DEFAULT_BETA  # preference: DPO's beta
+    # preference: the reward sums of the last forward_backward, over all processes (PairStats)
+    pairs: PairStats | None = None
 
     def forward_backward(self, model: torch.nn.Module, step_examples: list) -> tuple[float, float, int]:
         """(summed loss, tokens, loss terms) of one optimizer step over `step_examples` (this process
@@ -165,8 +172,10 @@ class Passes:
         Every process runs every micro-batch that holds examples (the last step of an epoch may hold
         fewer): DDP reduces the gradients in the last one's backward, and FSDP gathers the weights in
         every forward, so a process whose slice is empty runs the micro-batch's first example with a
-        zero loss weight, and counts nothing."""
+        zero loss weight, and counts nothing. Preference pairs (preference.py): the reference pass and
+        the policy's, their DPO loss summed over pairs; the rewards go to `self.pairs`."""
         dist = self.dist
+        pairs = PairStats()
         total_terms = sum(e.num_targets for e in step_examples)
         loss_total, tokens = 0.0, 0
         micro = self.batch_size * dist.world
@@ -177,21 +186,29 @@ class Passes:
             chunk, weight = examples[dist.rank :: dist.world], 1.0
             if not chunk:
                 chunk, weight = examples[:1], 0.0
+            if chunk[0].position_ids is not None and uses_flash_attention(unwrap(model)):
+                chunk = flattened(chunk)  # flash attention finds packed examples in a one-row batch only
             batch = datamod.collate(chunk, self.pad_id, self.task)
             sync = k == len(micro_batches) - 1 or not ddp
-            with (
-                nullcontext() if sync else model.no_sync(),
-                self.autocast() if self.autocast else nullcontext(),
-            ):
-                logits = model(**model_inputs(batch, self.device)).logits
-            summed, _ = loss_sum(logits, batch["labels"].to(self.device), self.task)
+            with nullcontext() if sync else model.no_sync():
+                if self.task == PREFERENCE:
+                    summed, parts = pair_loss(model, batch, self.device, self.beta, self.autocast)
+                    if weight:
+                        pairs.add(*parts)
+                else:
+                    with self.autocast() if self.autocast else nullcontext():
+                        logits = model(**model_inputs(batch, self.device)).logits
+                    summed, _ = loss_sum(logits, batch["labels"].to(self.device), self.task)
             # DDP averages gradients over processes: scale so the result is the global mean.
             loss = summed * (dist.world * weight / max(total_terms, 1))
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             if weight:
                 loss_total += float(summed.detach())
-                tokens += int(batch["attention_mask"].sum())
+                # real tokens: no padding, packed or not, both sequences of a pair
+                tokens += sum(len(e.input_ids) + len(e.rejected_ids or ()) for e in chunk)
         loss_total, tokens = dist.sum([loss_total, float(tokens)])
+        if self.task == PREFERENCE:
+            self.pairs = PairStats(dist.sum(pairs.values))
         return loss_total, tokens, total_terms
 
 
@@ -200,7 +217,7 @@ def passes_for(config: TrainConfig, dist: Dist, device: torch.device, tokenizer)
     autocast = autocast_for(config.precision, device)
     return Passes(
         config.task, config.batch_size, config.grad_accum, dist, device, autocast, scaler,
-        datamod.pad_id_of(tokenizer),
+        datamod.pad_id_of(tokenizer), config.beta,
     )  # fmt: skip
 
 
@@ -223,6 +240,8 @@ class Trainer:
         self.prep, self.run, self.dist, self.device, self.events = prep, run, dist, device, events
         self.config = config = prep.config  # the run's identity (and config.yaml): --lr may be "auto"
         self.per_step = examples_per_step(config, dist.world)
+        self.grouping = grouping(config, prep.train, dist.world)  # --group-by-length
+        self.source = example_source(prep, self.per_step, self.grouping)  # examples.py
         self.steps = total_steps(config, len(prep.train), dist.world)
         self.metric = config.metric or default_metric(config.task)
         self.passes = passes_for(config, dist, device, prep.tokenizer)
@@ -243,11 +262,20 @@ class Trainer:
             if lr_row is not None:
                 run.append_metrics(lr_row)
         self.model = wrap(prep.model, dist, device)
+        self.trackers = Trackers()  # --report-to: rank 0's, sent every row metrics.jsonl gets (`record`)
         if dist.main:
             recorded = {"factor_entry": prep.entry.id, "world_size": dist.world, "labels": prep.labels}
             if self.lr_found is not None:
                 recorded["lr_find"] = self.lr_found
             run.write_config(config, recorded)
+            self.trackers = open_trackers(
+                parse_report_to(config.report_to),
+                run.path,
+                run.config_document(config, recorded),
+                self.step,
+                run.metrics() if run.metrics_file.is_file() else [],
+                self.events.message,
+            )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
     def _choose_lr(self, found: tuple[Path, dict] | None) -> tuple[dict | None, dict | None]:
@@ -277,16 +305,16 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step, self.best, self.resumed_from = state["step"], state.get("best"), state["step"]
+        self.source.restore(state.get("data_position"), self.step)  # --streaming: back to its row
         self.events.message(f"resuming from {path} (step {self.step} of {self.steps})")
 
     # ------------------------------------------------------------------------------------------
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step on the examples of step `self.step`; returns (mean loss, tokens)."""
-        prep, optimizer, scaler = self.prep, self.optimizer, self.passes.scaler
-        indices = step_indices(self.step, len(prep.train), self.per_step, self.config.seed)
+        optimizer, scaler = self.optimizer, self.passes.scaler
         loss_total, tokens, total_terms = self.passes.forward_backward(
-            self.model, [prep.train[i] for i in indices]
+            self.model, self.source.examples_for_step(self.step)
         )
         if self.dist.sharded:  # FSDP reduces none of them: R and the head are outside its groups
             self.dist.average_(_grads(self.trainable))
@@ -329,6 +357,8 @@ class Trainer:
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 }
+                if self.passes.pairs is not None:  # preference: the step's mean rewards, TRL's names
+                    row.update(self.passes.pairs.metrics())
                 self.events.step(row)
                 if self._due(config.log_every) or self.step == self.steps:
                     self.log(row)
@@ -382,9 +412,12 @@ class Trainer:
 
     def log(self, row: dict) -> None:
         if self.dist.main:
-            self.run.append_metrics(
-                {**row, "epoch": round(self.step * self.per_step / len(self.prep.train), 4)}
-            )
+            self.record({**row, "epoch": round(self.source.epoch(self.step), 4)})
+
+    def record(self, row: dict) -> None:
+        """A row of RUN/metrics.jsonl, and the same row to the --report-to trackers (rank 0)."""
+        self.run.append_metrics(row)
+        self.trackers.log(row)
 
     def evaluate(self) -> dict | None:
         """The held-out metrics now (rank 0; None elsewhere or without held-out data). A sharded base
@@ -400,6 +433,7 @@ class Trainer:
             pad_id=self.passes.pad_id,
             device=self.device,
             autocast=self.passes.autocast,
+            beta=self.config.beta,
         )
         if self.dist.sharded:
             self.model.reshard()  # FSDP keeps the root's weights whole after a forward without backward
@@ -417,7 +451,7 @@ class Trainer:
             )
         row = {"step": self.step, "eval": metrics}
         self.events.evaluated(row)
-        self.run.append_metrics(row)
+        self.record(row)
         if improves(self.metric, metrics, self.best):
             self.best = {
                 "step": self.step,
@@ -447,7 +481,7 @@ class Trainer:
             "rng": rng_state(),
             "best": self.best,
             "identity": self.config.identity(),
-            "data_position": data_position(self.step, self.per_step, len(self.prep.train)),
+            "data_position": self.source.position(self.step),
             "lr_find": self.lr_found,
         }
 
@@ -481,12 +515,13 @@ def find_lr(prep: Prepared, passes: Passes, events: TrainEvents):
     settings = LRFindSettings(steps=config.lr_find_steps)
     per_step = examples_per_step(config, dist.world)
     params = [p for p in model.parameters() if p.requires_grad]
+    source = example_source(prep, per_step, grouping(config, prep.train, dist.world))  # its own: step 0 on
     events.message(
         f"--lr auto: LR range test, {settings.steps} steps from {settings.min_lr:g} to {settings.max_lr:g}"
     )
 
     def step_loss(k: int) -> float:
-        examples = [prep.train[i] for i in step_indices(k, len(prep.train), per_step, config.seed)]
+        examples = source.examples_for_step(k)
         loss_total, _, total_terms = passes.forward_backward(model, examples)
         return loss_total / max(total_terms, 1)
 
@@ -520,17 +555,26 @@ def find_lr(prep: Prepared, passes: Passes, events: TrainEvents):
 
 def write_adapter(prep: Prepared, out: Path, R: dict, head: dict, metrics: dict) -> None:
     config = prep.config
+    # What --data is (datasources.Source.describe): a file and its sha256, or a dataset: its hub id,
+    # config, split, revision and fingerprint, or its directory (save_to_disk) and split.
+    source = dict(prep.data_record or {"kind": "file"})
+    is_file = source["kind"] in ("file", "arrow")
+    for key in ("path", "file", "sha256"):
+        source.pop(key, None)
+    streamed = prep.stream is not None
     data = {
         "path": str(config.data),
-        "file": Path(config.data).name,
-        "sha256": prep.data_sha256,
+        "file": Path(config.data).name if is_file else None,
+        "sha256": prep.data_sha256 if is_file else None,
+        **({} if is_file else source),
         "task": config.task,
-        "rows": prep.train_rows,
-        "examples": len(prep.train),
+        "rows": None if streamed else prep.train_rows,  # a stream's length is not known
+        "examples": None if streamed else len(prep.train),
         "eval_examples": len(prep.held_out),
         "eval_data": Path(config.eval_data).name if config.eval_data else None,
         "eval_split": config.eval_split if not config.eval_data else None,
     }
+    data.update({k: v for k, v in (("columns", config.columns), ("streaming", streamed)) if v})
     extra = {
         "data": data,
         "metrics": metrics,
@@ -538,6 +582,8 @@ def write_adapter(prep: Prepared, out: Path, R: dict, head: dict, metrics: dict)
             k: getattr(config, k) for k in ("lr", "head_lr", "batch_size", "grad_accum", "seed", "schedule")
         },
     }
+    if config.task == PREFERENCE:  # `eval` measures the rewards with the beta it was trained with
+        extra["training"]["beta"] = config.beta
     if config.quantize:  # trained on a quantized base; its factors are still the full-precision base's
         extra["training"]["quantized"] = config.quantize
     extra.update(get_method(config.method).adapter_extra(prep.entry.meta.get("recipe", {}).get("extra")))

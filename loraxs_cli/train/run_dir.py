@@ -6,6 +6,8 @@
                              optimizer, scheduler, RNG, data position
     RUN/adapter/             the final adapter;  RUN/best/  the best by --metric
     RUN/loss.png             the loss curve
+    RUN/trackers.json        --report-to: each tracker's run and the last step sent (trackers.py)
+    RUN/tensorboard/         --report-to tensorboard: the event files
     RUN/.train.lock          held while a `train` runs in RUN (released by the OS when it dies)
 
 Writes are atomic (fsutil): a kill leaves the previous file or checkpoint, never half of one, and the
@@ -33,19 +35,29 @@ from ..adapter import is_adapter_dir
 from ..checkpoint import LegacyCheckpointError, is_checkpoint, load_state, save_state
 from ..errors import BadInputError
 from ..fsutil import clean_stale_temps, finish_tree, loads_json, publish_dir, write_text_atomic
-from .config import CONFIG_HEADER, IDENTITY, RECORDED, TrainConfig, config_from_document, settings_document
+from .config import (
+    CONFIG_HEADER,
+    IDENTITY,
+    IDENTITY_ADDED,
+    RECORDED,
+    TrainConfig,
+    config_from_document,
+    settings_document,
+)
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 LOCK_FILE = ".train.lock"
+TRACKERS_FILE = "trackers.json"  # --report-to: each tracker's run and what it was sent (trackers.py)
+TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard: event files only
 # What an earlier run left in its directory, by name: `--force` removes exactly these and nothing else.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, PLOT_FILE)
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, PLOT_FILE, TRACKERS_FILE)
 RUN_ADAPTERS = ("adapter", "best")
 RUN_TEMP_PREFIXES = (
     ".config.yaml.tmp-", ".metrics.jsonl.tmp-", ".adapter.tmp-", ".adapter.old-", ".best.tmp-",
-    ".best.old-", ".write-test-",
+    ".best.old-", ".write-test-", ".trackers.json.tmp-",
 )  # fmt: skip
 # A checkpoint being written: checkpoints/.tmp-step-STEP-PID-HEX (the pid names its owner).
 CHECKPOINT_TEMP = re.compile(r"^\.tmp-step-(?P<step>\d+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{6,32})$")
@@ -99,7 +111,7 @@ class RunDir:
                 "--force, or use another --out"
             )
         if found:
-            saved = found[1].get("identity", {})
+            saved = {**IDENTITY_ADDED, **found[1].get("identity", {})}  # an older checkpoint: the defaults
             changed = sorted(k for k in IDENTITY if saved.get(k) != config.identity().get(k))
             if changed:
                 raise BadInputError(
@@ -123,6 +135,8 @@ class RunDir:
         root = self.path
         found = [root / n for n in RUN_FILES if own(root / n) and (root / n).is_file()]
         found += [root / n for n in RUN_ADAPTERS if own(root / n) and is_adapter_dir(root / n)]
+        if own(root / TENSORBOARD_DIR) and _holds_only_events(root / TENSORBOARD_DIR):
+            found.append(root / TENSORBOARD_DIR)
         found += [p for p in root.iterdir() if p.name.startswith(RUN_TEMP_PREFIXES) and not p.is_symlink()]
         if own(self.checkpoints) and self.checkpoints.is_dir():
             found += [
@@ -266,8 +280,13 @@ class RunDir:
     # config.yaml
 
     def write_config(self, config: TrainConfig, recorded: dict) -> None:
-        document = {**settings_document(config), RECORDED: {**recorded, "loraxs_version": __version__}}
+        document = self.config_document(config, recorded)
         write_text_atomic(self.config_file, CONFIG_HEADER + yaml.safe_dump(document, sort_keys=False))
+
+    @staticmethod
+    def config_document(config: TrainConfig, recorded: dict) -> dict:
+        """What config.yaml holds (the trackers of --report-to get it too): the settings and `recorded:`."""
+        return {**settings_document(config), RECORDED: {**recorded, "loraxs_version": __version__}}
 
     def read_config(self) -> TrainConfig:
         """The settings config.yaml holds (of this or an older version), as a TrainConfig."""
@@ -314,6 +333,16 @@ class RunDir:
         figure.tight_layout()
         figure.savefig(self.path / PLOT_FILE)
         plt.close(figure)
+
+
+def _holds_only_events(path: Path) -> bool:
+    """A directory of TensorBoard event files (what --report-to tensorboard writes) and nothing else."""
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    return bool(entries) and all(
+        p.is_file() and not p.is_symlink() and p.name.startswith("events.out.tfevents.") for p in entries
+    )
 
 
 def _logged_step(line: str) -> float:

@@ -3,6 +3,7 @@ of a run. Every process computes the same global order: rank k takes the k-th sl
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -24,12 +25,40 @@ def total_steps(config: TrainConfig, examples: int, world: int) -> int:
     return max(1, math.ceil(config.epochs * math.ceil(examples / examples_per_step(config, world))))
 
 
-def step_indices(step: int, examples: int, per_step: int, seed: int) -> list[int]:
-    """Example indices of optimizer step `step` (0-based): a fresh seeded permutation per epoch."""
+def step_indices(
+    step: int, examples: int, per_step: int, seed: int, lengths: tuple[int, ...] | None = None, group: int = 1
+) -> list[int]:
+    """Example indices of optimizer step `step` (0-based): a fresh seeded permutation per epoch; with
+    the examples' `lengths` (--group-by-length), that permutation grouped by length (`epoch_order`)."""
     steps_per_epoch = math.ceil(examples / per_step)
     epoch, offset = divmod(step, steps_per_epoch)
-    order = torch.randperm(examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[offset * per_step : (offset + 1) * per_step].tolist()
+    order = epoch_order(examples, seed, epoch, lengths, group)
+    return list(order[offset * per_step : (offset + 1) * per_step])
+
+
+def grouping(config: TrainConfig, examples: list, world: int) -> dict:
+    """step_indices' keyword arguments for the run: with --group-by-length, the examples' lengths and the
+    micro-batch of all processes (the examples padded together); without it, none."""
+    if not config.group_by_length:
+        return {}
+    return {"lengths": tuple(len(e.input_ids) for e in examples), "group": config.batch_size * world}
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(
+    examples: int, seed: int, epoch: int, lengths: tuple[int, ...] | None = None, group: int = 1
+) -> tuple[int, ...]:
+    """The order of the examples in `epoch`: a seeded permutation, or with `lengths` the same permutation
+    grouped as transformers' LengthGroupedSampler groups it (get_length_grouped_indices): cut into
+    mega-batches of up to 50 batches of `group` examples (the micro-batch of all processes), each
+    sorted longest first, the longest batch of all first, so that a batch pads little and an
+    out-of-memory error comes at step 1. It depends only on its arguments: a resumed run sees the same."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if lengths is None:
+        return tuple(torch.randperm(examples, generator=generator).tolist())
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    return tuple(get_length_grouped_indices(list(lengths), group, generator=generator))
 
 
 def data_position(step: int, per_step: int, examples: int) -> dict:

@@ -11,13 +11,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import data as datamod
+from .. import datasources
 from ..factors import SVDSettings
 from ..initialize import FactorPlan, FactorRequest, ensure_factors, plan_factors
 from ..layer import inject, set_fused
 from ..methods import get_method
 from ..methods.sb import OfficialEta, SBInit, parse_bytes
 from ..models import backbone, head_kwargs, load_model, load_tokenizer, parse_targets
+from ..packing import check_packed_attention, pack
 from ..tasks import check_architecture
+from ..tokenized import encode_cached
 from .config import TrainConfig, with_defaults, with_task
 from .distributed import Dist
 from .fsdp import build_sharded
@@ -39,13 +42,16 @@ class Prepared:
     head_names: list[str]
     data_sha256: str
     train_rows: int = 0  # rows of --data trained on (examples may be more: long texts are cut)
+    data_record: dict | None = None  # what --data is (datasources.Source.describe), for the adapter
+    stream: datasources.RowStream | None = None  # --streaming: the rows, read as the steps need them
 
 
 def prepare(config: TrainConfig, dist: Dist, device: torch.device, events) -> Prepared:
     """Resolve the base, read the data, get the factors (running init on a miss), build the model.
     `events` (a TrainEvents) gets the lines worth saying."""
     config, rows, inferred = resolve(config)
-    labels = datamod.label_names(rows, config.task)
+    stream = datasources.open_stream(config.data_spec()) if config.streaming else None
+    labels = label_map(config, rows, stream)
     train_rows, held_rows = split_rows(config, rows)
     sharded = ShardedBase(config, labels, device, dist.world) if dist.sharded else None
     request, compute, note = factor_request(config, device, dist, sharded)
@@ -58,7 +64,11 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events) -> Pr
     limit = datamod.token_limit(tokenizer)
     if limit is not None and config.max_length > limit:  # data.encode cuts the examples there
         events.message(f"--max-length {config.max_length}: the model takes {limit} tokens; using {limit}")
-    train_examples = encode(config, tokenizer, labels, train_rows)
+    # --streaming: the training rows are tokenised as the steps need them (train/examples.py)
+    train_examples = [] if stream else encode(config, tokenizer, labels, train_rows)
+    if config.packing:  # the held-out examples stay unpacked
+        train_examples, note = pack_training(config, tokenizer, train_examples)
+        events.message(note)
     held_examples = encode(config, tokenizer, labels, held_rows) if held_rows else []
     if inferred:  # said once the rows are known to fit it, so a bad row's error stays one line
         events.message(inferred)
@@ -81,6 +91,9 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events) -> Pr
         # The fused [W; A] path rebinds the base weight's storage, which FSDP2 owns: off under sharding.
         set_fused(model, False)
     head_names = make_trainable(model, config)
+    source = stream.source if stream else datasources.open_source(config.data_spec())
+    if config.packing:  # before any step: an architecture whose attention ignores the restarts is refused
+        check_packed_attention(model, device, config.model)
     return Prepared(
         config,
         tokenizer,
@@ -92,15 +105,22 @@ def prepare(config: TrainConfig, dist: Dist, device: torch.device, events) -> Pr
         train_examples,
         held_examples,
         head_names,
-        datamod.file_sha256(config.data),
-        len(train_rows),
+        source.content_id(),
+        0 if stream else len(train_rows),
+        data_record=source.describe(),
+        stream=stream,
     )
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, list, str | None]:
     """The config with its task resolved and its defaults filled in, the rows of --data, and the line
-    that says the task was inferred (None when --task gave it)."""
-    rows = datamod.read_rows(config.data)
+    that says the task was inferred (None when --task gave it). With --streaming the rows are the
+    stream's first STREAM_PEEK_ROWS, which the task is inferred from."""
+    spec = config.data_spec()
+    if config.streaming:
+        rows = datasources.open_stream(spec).first_rows(STREAM_PEEK_ROWS)
+    else:
+        rows = datasources.read_rows(spec)
     config, inferred = with_task(config, rows)
     return with_defaults(config), rows, inferred
 
@@ -109,17 +129,40 @@ def split_rows(config: TrainConfig, rows: list) -> tuple[list, list]:
     """(training rows, held-out rows): --eval-data, or --eval-split of --data (stratified; the held-out
     part is ceil(split * rows), as sklearn counts it), or no held-out rows. The run and its dry-run
     both split here."""
-    if config.eval_data:
-        return rows, datamod.read_rows(config.eval_data)
+    if config.eval_data:  # held-out data is read into memory, also with --streaming
+        return rows, datasources.read_rows(config.data_spec().for_eval(config.eval_data))
     if config.eval_split:
         return datamod.stratified_split(rows, config.eval_split, config.seed, config.task)
     return rows, []
 
 
+STREAM_PEEK_ROWS = 1000
+
+
+def label_map(config: TrainConfig, rows: list, stream: datasources.RowStream | None = None):
+    """The label map of a classification run (data.label_names): from the rows, or with --streaming
+    from one pass over the stream's labels (nothing is tokenised)."""
+    if config.streaming:
+        stream = stream or datasources.open_stream(config.data_spec())
+        return stream.label_names(config.task)
+    return datamod.label_names(rows, config.task)
+
+
 def encode(config: TrainConfig, tokenizer, labels: list[str] | None, rows: list) -> list:
-    return datamod.encode(
+    """The rows' examples, from the tokenisation cache when they were encoded so before (tokenized.py)."""
+    return encode_cached(
         rows, tokenizer, config.task, max_length=config.max_length, labels=labels, chat_loss=config.chat_loss
     )
+
+
+def pack_training(config: TrainConfig, tokenizer, examples: list) -> tuple[list, str]:
+    """--packing: the examples in rows of at most --max-length tokens (the model's limit if lower, where
+    data.encode cuts them), and the line that says how full the rows are."""
+    length = min(config.max_length, datamod.token_limit(tokenizer) or config.max_length)
+    rows = list(pack(examples, length))
+    full = sum(len(e.input_ids) for e in rows) / max(len(rows) * length, 1)
+    note = f"--packing: {len(examples):,} examples in {len(rows):,} rows of {length} tokens ({full:.0%} full)"
+    return rows, note
 
 
 def factor_request(
@@ -208,16 +251,25 @@ def make_trainable(model: torch.nn.Module, config: TrainConfig) -> list[str]:
     """Unfreeze the task head (everything outside the backbone) and switch on gradient checkpointing if
     asked; returns the head's parameter names. Call after `inject`. A causal LM has no head to train:
     its output layer (an untied lm_head) is frozen, so no gradient is computed, clipped or reduced for it."""
-    head_names = []
-    core_params = {id(p) for p in backbone(model).parameters()}
-    for name, param in model.named_parameters():
-        if id(param) not in core_params:
-            param.requires_grad_(config.task != "causal-lm")
-            if config.task != "causal-lm":
-                head_names.append(name)
+    head_names = train_head(model, config.task)
     if config.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return head_names
+
+
+def train_head(model: torch.nn.Module, task: str | None) -> list[str]:
+    """Unfreeze the task head (every parameter outside the backbone) of a classifier or regressor and
+    return its names; a language model's output layer outside the backbone (an untied lm_head) is frozen
+    instead. `make_trainable` and `api.attach` share it."""
+    head_names = []
+    core_params = {id(p) for p in backbone(model).parameters()}
+    has_head = task not in datamod.LM_TASKS
+    for name, param in model.named_parameters():
+        if id(param) not in core_params:
+            param.requires_grad_(has_head)
+            if has_head:
+                head_names.append(name)
     return head_names
 
 
@@ -251,7 +303,7 @@ def sb_init(config: TrainConfig) -> SBInit:
     """LoRA-SB's gradient sample for a training run: drawn from the training rows only."""
     sb = config.sb
     return SBInit(
-        data=config.data,
+        data=config.data_spec(),
         task=config.task,
         samples=sb.samples,
         eta=sb.eta,
