@@ -87,9 +87,10 @@ def word_problem(rng: random.Random) -> dict:
 
 
 def test_smollm2_instruct_answers_word_problems_better_after_training(smollm2_path, tmp_path, loraxs_home):
-    """Measured: exact match 0.19 for the base model (it rambles, or slips on two-digit sums) and 0.48
-    after 20 steps that teach it to answer with the worked equation (0.56 after 40; 12 steps at lr 1e-2:
-    0.35). 20 steps keep the suite's budget: 40 took 183 s of this test's 225 s on one thread."""
+    """Measured, with 48 new tokens: exact match 0.19 for the base model (it rambles, or slips on two-digit
+    sums) and 0.48 after 20 steps that teach it to answer with the worked equation (0.56 after 40; 12 steps
+    at lr 1e-2: 0.35). With the 24 new tokens used here (half the decoding time) the base reaches 0.04:
+    its right answers come after a preamble; the trained model's, 0.48, fit in 24."""
     rng = random.Random(0)
     train = write_jsonl(tmp_path / "train.jsonl", [word_problem(rng) for _ in range(320)])
     test = write_jsonl(tmp_path / "test.jsonl", [word_problem(rng) for _ in range(48)])
@@ -97,6 +98,6 @@ def test_smollm2_instruct_answers_word_problems_better_after_training(smollm2_pa
         smollm2_path, train, test, tmp_path / "run",
         "--task", "causal-lm", "--rank", 16, "--max-length", 96, "--batch-size", 8, "--max-steps", 20,
         "--lr", 5e-3, "--warmup-ratio", 0.1,
-        eval_args=("--generate", "--max-new-tokens", 48, "--batch-size", 16),
+        eval_args=("--generate", "--max-new-tokens", 24, "--batch-size", 16),
     )  # fmt: skip
-    assert after["exact_match"] >= base["exact_match"] + 0.15, (base, after)  # half the gain
+    assert after["exact_match"] >= base["exact_match"] + 0.25, (base, after)  # measured gain: 0.44
